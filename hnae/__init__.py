@@ -1,0 +1,23 @@
+"""hnae: the hierarchical neural attention encoder, a causal, streamable drop-in for nn.LSTM.
+
+Public pieces:
+    HNAE                  the nn.LSTM-compatible stack (parallel training, exact streaming)
+    HNAEState             its streaming state: a flat, batched set of tensors
+    HNAEConfig            the validated configuration
+    HNAEBlock             one layer (one direction): hierarchical attention + feed-forward
+    HierarchicalAttention the attention of one layer over windows and block summaries
+    AttentionPool         the summary of one block
+    receptive_field, first_visible   exact reach of a stack
+"""
+
+from .attention import HierarchicalAttention
+from .block import HNAEBlock
+from .config import HNAEConfig
+from .model import HNAE
+from .pooling import AttentionPool
+from .reach import first_visible, first_visible_stack, receptive_field
+from .state import HNAEState
+
+__all__ = ["HNAE", "HNAEState", "HNAEConfig", "HNAEBlock", "HierarchicalAttention", "AttentionPool",
+           "receptive_field", "first_visible", "first_visible_stack"]
+__version__ = "0.1.0"

@@ -1,0 +1,53 @@
+"""One layer of the stack, one direction: hierarchical attention, then a feed-forward.
+
+Pre-norm residual, as in most modern transformers:
+
+    h = project_in(x)                       # (B, C, D)  (identity when widths agree)
+    h = h + attention(norm_attention(h))    # hierarchical, causal
+    h = h + feed_forward(norm_feed_forward(h))
+    y = project_out(norm_output(h))         # (B, C, D) or (B, C, proj_size)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import HierarchicalAttention
+
+
+class HNAEBlock(nn.Module):
+    """A causal HNAE layer mapping (B, C, in_features) to (B, C, out_features).
+
+    ``out_features`` is ``proj_size`` when it is set, else ``hidden_size``.
+    ``forward_chunk`` carries the layer's streaming state (see ``hnae.state``).
+    """
+
+    def __init__(self, in_features: int, hidden_size: int, num_heads: int, windows: tuple[int, ...],
+                 summary_slots: int, ffn_width: int, proj_size: int = 0, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.project_in = (nn.Identity() if in_features == hidden_size
+                           else nn.Linear(in_features, hidden_size, bias=bias, **factory))
+        self.norm_attention = nn.LayerNorm(hidden_size, **factory)
+        self.attention = HierarchicalAttention(hidden_size, num_heads, windows, summary_slots, bias=bias,
+                                               **factory)
+        self.norm_feed_forward = nn.LayerNorm(hidden_size, **factory)
+        self.feed_forward = nn.Sequential(
+            nn.Linear(hidden_size, ffn_width, bias=bias, **factory),
+            nn.GELU(),
+            nn.Linear(ffn_width, hidden_size, bias=bias, **factory),
+        )
+        self.norm_output = nn.LayerNorm(hidden_size, **factory)
+        self.project_out = (nn.Linear(hidden_size, proj_size, bias=False, **factory) if proj_size
+                            else nn.Identity())
+
+    def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,
+                      end: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """x (B, C, in_features) at positions start.. ; returns (B, C, out_features) and the state at end."""
+        hidden = self.project_in(x)  # (B, C, D)
+        attended, new_state = self.attention.forward_chunk(self.norm_attention(hidden), state, start, end)
+        hidden = hidden + attended
+        hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))
+        return self.project_out(self.norm_output(hidden)), new_state

@@ -1,0 +1,134 @@
+"""The validated configuration of an HNAE stack.
+
+Names and defaults mirror ``torch.nn.LSTM``; the keyword-only tail holds what
+an LSTM does not have (the windows of the hierarchy, heads, summary slots).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+
+def _require_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def default_num_heads(hidden_size: int) -> int:
+    """The most heads (8, 4, 2 or 1) that leave a head width of at least 16."""
+    for heads in (8, 4, 2):
+        if hidden_size % heads == 0 and hidden_size // heads >= 16:
+            return heads
+    return 1
+
+
+@dataclass(frozen=True)
+class HNAEConfig:
+    """Everything that defines an HNAE's shape; validated on construction.
+
+    windows: per-level window sizes ``(w_0, ..., w_{L-1})``. Level 0 attends to
+        the last ``w_0`` inputs; level ``l >= 1`` to the last ``w_l`` summaries,
+        each summarising ``w_0 * ... * w_{l-1}`` inputs.
+    summary_slots: vectors per summary (``K``): learned queries that pool a block.
+    ffn_multiplier: width of the feed-forward layer as a multiple of hidden_size.
+    """
+
+    input_size: int
+    hidden_size: int
+    num_layers: int = 1
+    bias: bool = True
+    batch_first: bool = False
+    dropout: float = 0.0
+    bidirectional: bool = False
+    proj_size: int = 0
+    windows: tuple[int, ...] = (100, 100)
+    num_heads: int | None = None
+    summary_slots: int = 1
+    ffn_multiplier: float = 2.0
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _require_int("input_size", self.input_size, 1)
+        _require_int("hidden_size", self.hidden_size, 1)
+        _require_int("num_layers", self.num_layers, 1)
+        _require_int("proj_size", self.proj_size, 0)
+        _require_int("summary_slots", self.summary_slots, 1)
+        for flag in ("bias", "batch_first", "bidirectional"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise TypeError(f"dropout must be a float, got {self.dropout!r}")
+        if not 0.0 <= float(self.dropout) <= 1.0:
+            raise ValueError(f"dropout must be in [0, 1], got {self.dropout}")
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(
+                f"proj_size must be smaller than hidden_size ({self.hidden_size}), got {self.proj_size}"
+            )
+        windows = self.windows
+        if isinstance(windows, int) and not isinstance(windows, bool):
+            windows = (windows,)
+        if not isinstance(windows, (tuple, list)) or len(windows) == 0:
+            raise ValueError(f"windows must be a non-empty tuple of positive ints, got {self.windows!r}")
+        for level, width in enumerate(windows):
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise ValueError(
+                    f"windows must hold positive ints, got {width!r} at level {level} in {tuple(windows)!r}"
+                )
+        object.__setattr__(self, "windows", tuple(int(w) for w in windows))
+        heads = self.num_heads if self.num_heads is not None else default_num_heads(self.hidden_size)
+        _require_int("num_heads", heads, 1)
+        if self.hidden_size % heads != 0:
+            raise ValueError(f"num_heads must divide hidden_size ({self.hidden_size}), got {heads}")
+        object.__setattr__(self, "num_heads", heads)
+        if not isinstance(self.ffn_multiplier, (int, float)) or self.ffn_multiplier <= 0:
+            raise ValueError(f"ffn_multiplier must be a positive number, got {self.ffn_multiplier!r}")
+        if self.extra:
+            raise ValueError(f"unknown options: {sorted(self.extra)}")
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.windows)
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_features(self) -> int:
+        return (self.proj_size or self.hidden_size) * self.num_directions
+
+    @property
+    def ffn_width(self) -> int:
+        return max(1, int(round(self.hidden_size * self.ffn_multiplier)))
+
+    @property
+    def guaranteed_reach(self) -> int:
+        """``w_0 * ... * w_{L-1}``: one layer always sees at least this many past inputs."""
+        return math.prod(self.windows)
+
+    def state_signature(self) -> tuple:
+        """What a streaming state must agree on to be continued by this model."""
+        return (self.num_layers, self.hidden_size, self.num_heads, self.windows, self.summary_slots)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("extra")
+        data["windows"] = list(self.windows)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "HNAEConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"config must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {unknown}; known keys are {sorted(known)}")
+        values = dict(data)
+        if isinstance(values.get("windows"), list):
+            values["windows"] = tuple(values["windows"])
+        return cls(**values)

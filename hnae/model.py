@@ -1,0 +1,200 @@
+"""``hnae.HNAE``: the drop-in replacement for ``torch.nn.LSTM``.
+
+    model = hnae.HNAE(input_size, hidden_size, num_layers, batch_first=True)
+    output, state = model(x)               # parallel over time
+    output, state = model(x_next, state)   # continues the stream exactly
+
+Input forms, as nn.LSTM: unbatched (T, input_size); batched (T, B, input_size)
+or (B, T, input_size) per ``batch_first``; a ``PackedSequence`` (the output is
+one too); or padded input with ``lengths``. The state is an ``HNAEState``
+(batched; an unbatched input gets a state of batch size 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .block import HNAEBlock
+from .config import HNAEConfig
+from .reach import first_visible_stack, receptive_field
+from .state import HNAEState
+from .validation import check_input, check_lengths, check_state
+
+
+class HNAE(nn.Module):
+    """Hierarchical neural attention encoder with nn.LSTM's constructor and call.
+
+    Args (as nn.LSTM): input_size, hidden_size, num_layers, bias, batch_first,
+        dropout (between layers), bidirectional, proj_size, device, dtype.
+    Keyword-only: windows (per-level window sizes, default (100, 100): one
+        layer sees at least 10,000 past steps), num_heads (default: the most
+        of 8/4/2/1 leaving 16-wide heads), summary_slots (vectors per block
+        summary), ffn_multiplier (feed-forward width / hidden_size).
+
+    forward(input, state=None, lengths=None) -> (output, state). Output
+    features: ``(proj_size or hidden_size) * num_directions``. Padded steps
+    (beyond ``lengths``) come out as zeros. Bidirectional models return
+    ``state=None`` and refuse a state: they cannot stream.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 proj_size: int = 0, device=None, dtype=None, *, windows=(100, 100), num_heads=None,
+                 summary_slots: int = 1, ffn_multiplier: float = 2.0) -> None:
+        super().__init__()
+        self.config = HNAEConfig(
+            input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, bias=bias,
+            batch_first=batch_first, dropout=dropout, bidirectional=bidirectional, proj_size=proj_size,
+            windows=windows, num_heads=num_heads, summary_slots=summary_slots, ffn_multiplier=ffn_multiplier)
+        config = self.config
+        for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                     "bidirectional", "proj_size", "windows", "num_heads", "summary_slots"):
+            setattr(self, name, getattr(config, name))
+        per_direction = proj_size or hidden_size
+        self.layers = nn.ModuleList(
+            nn.ModuleList(
+                HNAEBlock(input_size if index == 0 else per_direction * config.num_directions, hidden_size,
+                          config.num_heads, config.windows, summary_slots, config.ffn_width, proj_size, bias,
+                          device=device, dtype=dtype)
+                for _ in range(config.num_directions))
+            for index in range(num_layers))
+        self.between_layers = nn.Dropout(float(dropout))
+
+    # ----------------------------------------------------------------- reach
+    @property
+    def receptive_field(self) -> int:
+        """The most input steps (the current one included) one output depends on.
+
+        Every output of one layer sees at least the last prod(windows) inputs;
+        this is the maximum over positions for the whole stack (one side, for
+        bidirectional models).
+        """
+        return receptive_field(self.windows, self.num_layers)
+
+    def first_visible(self, t: torch.Tensor) -> torch.Tensor:
+        """Oldest input index the causal output at positions ``t`` depends on (exact)."""
+        return first_visible_stack(torch.as_tensor(t, dtype=torch.int64), self.windows, self.num_layers)
+
+    # ----------------------------------------------------------------- state
+    def init_state(self, batch_size: int, device=None, dtype=None) -> HNAEState:
+        """A fresh state for ``batch_size`` streams (all zeros, position 0)."""
+        if self.bidirectional:
+            raise ValueError("state: a bidirectional HNAE has no streaming state (it needs the future)")
+        reference = next(self.parameters())
+        device = reference.device if device is None else device
+        dtype = reference.dtype if dtype is None else dtype
+        layers = [
+            {name: torch.zeros(batch_size, *shape, device=device, dtype=dtype)
+             for name, shape in directions[0].attention.state_shapes().items()}
+            for directions in self.layers]
+        position = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        return HNAEState(position, layers, self.config.state_signature())
+
+    def flatten_parameters(self) -> None:
+        """No-op, for code written for nn.LSTM."""
+
+    # --------------------------------------------------------------- forward
+    def forward(self, input, state: HNAEState | None = None, lengths=None):
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            if lengths is not None:
+                raise ValueError("lengths: a PackedSequence carries its own lengths; pass lengths=None")
+            x, lengths = pad_packed_sequence(input, batch_first=True)  # (B, T, F), (B,)
+            unbatched = False
+        else:
+            x, unbatched = check_input(input, self.config, self._parameter_dtype())
+        batch, steps = x.shape[0], x.shape[1]
+        lengths = check_lengths(lengths, batch, steps, x.device)
+        check_state(state, self.config, batch, x.device)
+        if lengths is not None:
+            valid = torch.arange(steps, device=x.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T)
+            x = x.masked_fill(~valid.unsqueeze(-1), 0.0)
+
+        if self.bidirectional:
+            output, new_state = self._bidirectional(x, lengths), None
+        else:
+            if state is None:
+                state = self.init_state(batch, device=x.device, dtype=x.dtype)
+            if steps == 0:
+                output, new_state = x.new_zeros(batch, 0, self.config.output_features), state
+            else:
+                output, new_state = self._causal(x, state, lengths)
+        if lengths is not None:
+            output = output.masked_fill(~valid.unsqueeze(-1), 0.0)
+        return self._format_output(output, input, packed, unbatched, lengths), new_state
+
+    def _parameter_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _causal(self, x: torch.Tensor, state: HNAEState, lengths) -> tuple[torch.Tensor, HNAEState]:
+        """Run the causal stack over x (B, T, F) from ``state``; split by position if they differ."""
+        positions = state.position
+        if bool((positions != positions[0]).any()):
+            return self._causal_by_position(x, state, lengths)
+        steps = x.shape[1]
+        end = positions + (lengths if lengths is not None else steps)  # (B,)
+        start = int(positions[0])
+        hidden, new_layers = x, []
+        for index, (block,) in enumerate(self.layers):
+            hidden, layer_state = block.forward_chunk(hidden, state.layers[index], start, end)
+            new_layers.append(layer_state)
+            if index < self.num_layers - 1:
+                hidden = self.between_layers(hidden)
+        return hidden, HNAEState(end, new_layers, state.signature)
+
+    def _causal_by_position(self, x, state, lengths):
+        """Streams at different positions: run each group of equal positions on its own."""
+        outputs = x.new_zeros(x.shape[0], x.shape[1], self.config.output_features)
+        parts, order = [], []
+        for position in torch.unique(state.position):
+            index = torch.nonzero(state.position == position).flatten()
+            sub_lengths = None if lengths is None else lengths[index]
+            out, sub_state = self._causal(x[index], state.select(index), sub_lengths)
+            outputs[index] = out
+            parts.append(sub_state)
+            order.append(index)
+        joined = HNAEState.concatenate(parts)
+        inverse = torch.argsort(torch.cat(order))
+        return outputs, joined.select(inverse)
+
+    def _bidirectional(self, x: torch.Tensor, lengths) -> torch.Tensor:
+        """Forward and backward causal stacks, each layer reading both directions of the last."""
+        batch, steps = x.shape[0], x.shape[1]
+        if steps == 0:
+            return x.new_zeros(batch, 0, self.config.output_features)
+        lengths_or_full = lengths if lengths is not None else torch.full((batch,), steps, device=x.device)
+        time = torch.arange(steps, device=x.device).unsqueeze(0)  # (1, T)
+        reverse = torch.where(time < lengths_or_full.unsqueeze(1), lengths_or_full.unsqueeze(1) - 1 - time,
+                              time)  # (B, T): each sequence reversed within its length
+        end = lengths_or_full.to(torch.int64)
+        fresh = self._fresh_layer_states(batch, x)
+
+        def flip(t: torch.Tensor) -> torch.Tensor:
+            return t.gather(1, reverse.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+        hidden = x
+        for index, (forward_block, backward_block) in enumerate(self.layers):
+            ahead, _ = forward_block.forward_chunk(hidden, fresh[index], 0, end)
+            behind, _ = backward_block.forward_chunk(flip(hidden), fresh[index], 0, end)
+            hidden = torch.cat([ahead, flip(behind)], dim=-1)  # (B, T, 2 * out)
+            if index < self.num_layers - 1:
+                hidden = self.between_layers(hidden)
+        return hidden
+
+    def _fresh_layer_states(self, batch: int, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        return [{name: x.new_zeros(batch, *shape)
+                 for name, shape in directions[0].attention.state_shapes().items()}
+                for directions in self.layers]
+
+    def _format_output(self, output, input, packed, unbatched, lengths):
+        if packed:
+            order = input.sorted_indices
+            padded = output if order is None else output.index_select(0, order)
+            sorted_lengths = lengths if order is None else lengths.index_select(0, order.to(lengths.device))
+            data = pack_padded_sequence(padded, sorted_lengths.cpu(), batch_first=True).data
+            return PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        if unbatched:
+            return output.squeeze(0)  # (T, out)
+        return output if self.batch_first else output.transpose(0, 1)

@@ -1,0 +1,133 @@
+"""The streaming state: a flat, batched, documented set of tensors.
+
+Every tensor has the batch dimension first, so a state can be moved, detached,
+sub-batched, checkpointed, or passed across an ONNX graph boundary as a plain
+list of tensors (``names()`` / ``tensors()`` / ``from_tensors``).
+
+Per layer ``i`` (``w_l`` windows, ``K`` summary slots, ``H`` heads, ``E`` head
+width, ``D`` model width), named ``layer{i}.<field>``:
+
+- ``local_keys``, ``local_values`` (B, H, w_0, E): keys and values of the last
+  ``w_0`` inputs, oldest first (zeros before the start of the stream).
+- ``pending_0`` (B, w_0, D): the normalised inputs of the level-0 block being
+  filled, by place in the block; ``position % w_0`` of them are real.
+- ``memory_keys_{l}``, ``memory_values_{l}`` (B, H, w_l * K, E), ``l >= 1``:
+  keys and values of the last ``w_l`` level-``l`` summaries, oldest first.
+- ``pending_{l}`` (B, w_l * K, D), ``1 <= l <= L - 2``: the level-``l``
+  summaries of the level-``l`` block being filled.
+
+Plus ``position`` (B,) int64: the number of inputs each stream has consumed.
+Nothing in it grows with the position: its size is fixed by the windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def layer_state_shapes(windows: tuple[int, ...], slots: int, num_heads: int,
+                       d_model: int) -> dict[str, tuple[int, ...]]:
+    """Shapes (without the batch dimension) of one layer's state tensors."""
+    head_width = d_model // num_heads
+    w0 = windows[0]
+    shapes = {
+        "local_keys": (num_heads, w0, head_width),
+        "local_values": (num_heads, w0, head_width),
+        "pending_0": (w0, d_model),
+    }
+    for level in range(1, len(windows)):
+        shapes[f"memory_keys_{level}"] = (num_heads, windows[level] * slots, head_width)
+        shapes[f"memory_values_{level}"] = (num_heads, windows[level] * slots, head_width)
+        if level < len(windows) - 1:
+            shapes[f"pending_{level}"] = (windows[level] * slots, d_model)
+    return shapes
+
+
+@dataclass
+class HNAEState:
+    """A batch of streams' state; pass it back to the model to continue them.
+
+    position: (B,) int64. layers: one dict of tensors per layer (see module doc).
+    signature: the model configuration the state belongs to.
+    """
+
+    position: torch.Tensor
+    layers: list[dict[str, torch.Tensor]]
+    signature: tuple
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.position.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes held by the state's tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def names(self) -> list[str]:
+        names = ["position"]
+        for index, layer in enumerate(self.layers):
+            names.extend(f"layer{index}.{name}" for name in layer)
+        return names
+
+    def tensors(self) -> list[torch.Tensor]:
+        flat = [self.position]
+        for layer in self.layers:
+            flat.extend(layer.values())
+        return flat
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names(), self.tensors()))
+
+    @classmethod
+    def from_tensors(cls, names: list[str], tensors: list[torch.Tensor], signature: tuple) -> "HNAEState":
+        """Rebuild a state from ``names()`` and matching tensors (e.g. after ONNX)."""
+        if len(names) != len(tensors) or not names or names[0] != "position":
+            raise ValueError("state: names must start with 'position' and match the tensors one to one")
+        layers: list[dict[str, torch.Tensor]] = []
+        for name, tensor in zip(names[1:], tensors[1:]):
+            prefix, field = name.split(".", 1)
+            index = int(prefix.removeprefix("layer"))
+            while len(layers) <= index:
+                layers.append({})
+            layers[index][field] = tensor
+        return cls(tensors[0], layers, signature)
+
+    def _map(self, fn) -> "HNAEState":
+        return HNAEState(fn(self.position), [{k: fn(v) for k, v in layer.items()} for layer in self.layers],
+                         self.signature)
+
+    def to(self, *args, **kwargs) -> "HNAEState":
+        """Like ``Tensor.to``; a dtype applies to the floating tensors only."""
+        def move(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.is_floating_point():
+                return tensor.to(*args, **kwargs)
+            moved = tensor.to(*args, **kwargs)
+            return moved if not moved.is_floating_point() else tensor.to(moved.device)
+        return self._map(move)
+
+    def detach(self) -> "HNAEState":
+        """The same state cut from the autograd graph (for truncated backprop)."""
+        return self._map(torch.Tensor.detach)
+
+    def select(self, index) -> "HNAEState":
+        """A sub-batch: ``index`` is an int, a slice, a list or a 1-D index tensor."""
+        if isinstance(index, int):
+            index = [index]
+        if isinstance(index, slice):
+            return self._map(lambda t: t[index])
+        index = torch.as_tensor(index, dtype=torch.long, device=self.position.device)
+        return self._map(lambda t: t.index_select(0, index))
+
+    @staticmethod
+    def concatenate(states: list["HNAEState"]) -> "HNAEState":
+        """Join states of the same model along the batch dimension."""
+        first = states[0]
+        if any(s.signature != first.signature for s in states):
+            raise ValueError("state: cannot join states of different model configurations")
+        position = torch.cat([s.position for s in states])
+        layers = [{k: torch.cat([s.layers[i][k] for s in states]) for k in layer}
+                  for i, layer in enumerate(first.layers)]
+        return HNAEState(position, layers, first.signature)
