@@ -1,0 +1,26 @@
+"""Shared helpers for the tests: tiny models, deterministic inputs."""
+
+import pytest
+import torch
+
+import hnae
+
+torch.set_num_threads(1)
+
+
+def tiny_model(windows=(4, 4), num_layers=1, hidden_size=16, input_size=5, dtype=torch.float32, **options):
+    torch.manual_seed(0)
+    options.setdefault("summary_slots", 2)
+    options.setdefault("num_heads", 2)
+    model = hnae.HNAE(input_size, hidden_size, num_layers, batch_first=True, windows=windows, **options)
+    return model.to(dtype).eval()
+
+
+def random_input(batch, steps, features, dtype=torch.float32, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, steps, features, generator=generator, dtype=dtype)
+
+
+@pytest.fixture
+def make_model():
+    return tiny_model

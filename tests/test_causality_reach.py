@@ -1,0 +1,90 @@
+"""Causality is exact; the reach is exactly what ``first_visible``/``receptive_field`` document."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import hnae
+from conftest import random_input, tiny_model
+
+CASES = [((4, 4), 1), ((4, 4), 2), ((7, 5, 3), 1), ((7, 5, 3), 2), ((5,), 3), ((3, 2, 2), 3)]
+
+
+@pytest.mark.parametrize("windows,num_layers", CASES)
+def test_future_inputs_never_change_past_outputs(windows, num_layers):
+    model = tiny_model(windows, num_layers)
+    steps = 2 * model.receptive_field
+    x = random_input(2, steps, 5)
+    with torch.no_grad():
+        reference, _ = model(x)
+        for t in range(0, steps - 1, max(1, steps // 25)):
+            changed = x.clone()
+            changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:]) * 10
+            output, _ = model(changed)
+            assert torch.equal(output[:, : t + 1], reference[:, : t + 1]), t
+
+
+@pytest.mark.parametrize("windows,num_layers", CASES)
+def test_reach_both_ways(windows, num_layers):
+    """x[first_visible(t)] changes out[t]; nothing before it does (float64: no rounding luck)."""
+    model = tiny_model(windows, num_layers, dtype=torch.float64)
+    steps = 3 * model.receptive_field
+    x = random_input(1, steps, 5, dtype=torch.float64)
+    with torch.no_grad():
+        reference, _ = model(x)
+        for t in range(0, steps, max(1, steps // 40)):
+            oldest = int(model.first_visible(t))
+            inside = x.clone()
+            inside[0, oldest] += 1.0
+            assert (model(inside)[0][0, t] - reference[0, t]).abs().max() > 1e-9, (t, oldest)
+            if oldest > 0:
+                beyond = x.clone()
+                beyond[0, :oldest] += torch.randn(oldest, 5, dtype=torch.float64)
+                assert torch.equal(model(beyond)[0][0, t], reference[0, t]), (t, oldest)
+
+
+@pytest.mark.parametrize("windows,num_layers", CASES)
+def test_receptive_field_is_the_largest_span(windows, num_layers):
+    model = tiny_model(windows, num_layers)
+    t = torch.arange(4 * model.receptive_field)
+    spans = t - model.first_visible(t) + 1
+    assert int(spans.max()) == model.receptive_field
+    if num_layers == 1:  # one layer always sees at least prod(windows) past inputs
+        far = t[t >= model.receptive_field]
+        assert int((far - model.first_visible(far)).min()) >= model.config.guaranteed_reach
+
+
+@settings(max_examples=40, deadline=None)
+@given(windows=st.lists(st.integers(1, 6), min_size=1, max_size=3), t=st.integers(0, 500))
+def test_one_layer_reach_formula(windows, t):
+    """At least prod(windows) steps back (where the stream is long enough), at most that plus a top block."""
+    windows = tuple(windows)
+    oldest = int(hnae.first_visible(torch.tensor(t), windows))
+    reach = 1
+    for w in windows:
+        reach *= w
+    top_span = reach // windows[-1]
+    assert oldest <= t
+    assert oldest <= max(0, t - reach + (1 if len(windows) == 1 else 0))
+    assert t - oldest + 1 <= reach + (top_span if len(windows) > 1 else 0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(windows=st.lists(st.integers(1, 4), min_size=1, max_size=3), seed=st.integers(0, 1000))
+def test_reach_random_windows(windows, seed):
+    """Both ways, for random windows and a random position."""
+    model = tiny_model(tuple(windows), 1, dtype=torch.float64)
+    steps = 2 * model.receptive_field + 3
+    t = seed % steps
+    x = random_input(1, steps, 5, dtype=torch.float64, seed=seed)
+    oldest = int(model.first_visible(t))
+    with torch.no_grad():
+        reference = model(x)[0][0, t]
+        inside = x.clone()
+        inside[0, oldest] += 1.0
+        assert (model(inside)[0][0, t] - reference).abs().max() > 1e-9
+        if oldest > 0:
+            beyond = x.clone()
+            beyond[0, :oldest] -= 3.0
+            assert torch.equal(model(beyond)[0][0, t], reference)

@@ -1,0 +1,97 @@
+"""The layer's attention against references written here, position by position."""
+
+import math
+
+import pytest
+import torch
+
+import hnae
+from hnae.reach import level_spans
+
+
+def fresh_state(attention, batch, dtype):
+    return {name: torch.zeros(batch, *shape, dtype=dtype) for name, shape in attention.state_shapes().items()}
+
+
+def run_layer(attention, x):
+    batch, steps = x.shape[0], x.shape[1]
+    output, _ = attention.forward_chunk(x, fresh_state(attention, batch, x.dtype), 0,
+                                        torch.full((batch,), steps))
+    return output
+
+
+def split_heads(t, heads):  # (T, D) -> (H, T, E)
+    return t.view(t.shape[0], heads, -1).transpose(0, 1)
+
+
+def test_dense_causal_softmax_when_the_window_covers_everything():
+    """windows=(w0,) with w0 >= T: exactly dense causal attention with rotary positions."""
+    torch.manual_seed(3)
+    steps, d_model, heads = 12, 16, 2
+    attention = hnae.HierarchicalAttention(d_model, heads, windows=(16,)).eval()
+    x = torch.randn(1, steps, d_model)
+    with torch.no_grad():
+        q, k, v = attention.query_key_value(x[0]).chunk(3, dim=-1)  # (T, D) each
+        q, k, v = (split_heads(t, heads) for t in (q, k, v))  # (H, T, E)
+        positions = torch.arange(steps)
+        q, k = attention._rotate(q, positions), attention._rotate(k, positions)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d_model // heads)  # (H, T, T)
+        scores = scores.masked_fill(torch.ones(steps, steps).triu(1).bool(), float("-inf"))
+        dense = (scores.softmax(-1) @ v).transpose(0, 1).reshape(steps, d_model)  # (T, D)
+        expected = attention.output(dense)
+        actual = run_layer(attention, x)[0]
+    assert (actual - expected).abs().max().item() <= 1e-5
+
+
+def naive_hierarchy(attention, x):
+    """One position at a time: build the visible key set explicitly, one softmax over it."""
+    steps, d_model = x.shape
+    heads, width, slots = attention.num_heads, attention.head_width, attention.slots
+    windows, spans, w0 = attention.windows, level_spans(attention.windows), attention.windows[0]
+    q, k, v = attention.query_key_value(x).chunk(3, dim=-1)  # (T, D)
+    weight_k, weight_v = attention.query_key_value.weight[d_model:].chunk(2)
+    bias_k, bias_v = attention.query_key_value.bias[d_model:].chunk(2)
+    items = [x.unsqueeze(1)]  # level-l items: (n_l, P, D)
+    for level in range(1, len(windows)):
+        below = items[-1]
+        count = below.shape[0] // windows[level - 1]
+        pooled = [attention.pools[level - 1](below[j * windows[level - 1]:(j + 1) * windows[level - 1]]
+                                              .reshape(1, -1, d_model))[0] for j in range(count)]
+        items.append(torch.stack(pooled) if pooled else x.new_zeros(0, slots, d_model))
+    outputs = []
+    for t in range(steps):
+        keys, values = [], []
+        for s in range(max(0, t - w0 + 1), t + 1):
+            key = attention._rotate(split_heads(k[s:s + 1], heads), torch.tensor([s]))  # (H, 1, E)
+            query_place = t
+            keys.append(key[:, 0])
+            values.append(split_heads(v[s:s + 1], heads)[:, 0])
+        block = t // w0
+        for level in range(1, len(windows)):
+            visible = block * w0 // spans[level]
+            for place, j in enumerate(range(visible - windows[level], visible)):
+                if j < 0:
+                    continue
+                for slot in range(slots):
+                    summary = items[level][j, slot]
+                    key = summary @ weight_k.T + bias_k + attention.age_keys[level - 1][place]
+                    value = summary @ weight_v.T + bias_v + attention.age_values[level - 1][place]
+                    keys.append(key.view(heads, width) * attention.content_mask)
+                    values.append(value.view(heads, width))
+        query = attention._rotate(split_heads(q[t:t + 1], heads), torch.tensor([query_place]))[:, 0]  # (H, E)
+        key_set, value_set = torch.stack(keys, 1), torch.stack(values, 1)  # (H, S, E)
+        weights = ((key_set @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(width)).softmax(-1)  # (H, S)
+        outputs.append((weights.unsqueeze(-1) * value_set).sum(1).reshape(d_model))
+    return attention.output(torch.stack(outputs))  # (T, D)
+
+
+@pytest.mark.parametrize("windows,slots", [((4, 4), 1), ((4, 4), 3), ((3, 2, 2), 2), ((2, 3, 1, 2), 1)])
+def test_hierarchy_matches_a_naive_position_by_position_reference(windows, slots):
+    torch.manual_seed(5)
+    attention = hnae.HierarchicalAttention(16, 2, windows, summary_slots=slots).double().eval()
+    steps = 2 * math.prod(windows) + 7
+    x = torch.randn(1, steps, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = naive_hierarchy(attention, x[0])
+        actual = run_layer(attention, x)[0]
+    assert (actual - expected).abs().max().item() <= 1e-10

@@ -1,0 +1,90 @@
+"""Streaming equals parallel: chunked calls with the state carried give the one-call output."""
+
+import random
+
+import pytest
+import torch
+
+from conftest import random_input, tiny_model
+
+TOLERANCE = 1e-5  # fp32 max abs difference allowed by DESIGN.md
+
+
+def run_in_chunks(model, x, sizes):
+    """Feed x (B, T, F) in chunks of the given sizes (cycled), carrying the state."""
+    outputs, state, start, index = [], None, 0, 0
+    while start < x.shape[1]:
+        size = sizes[index % len(sizes)]
+        output, state = model(x[:, start:start + size], state)
+        outputs.append(output)
+        start, index = start + size, index + 1
+    return torch.cat(outputs, dim=1), state
+
+
+def assert_states_close(first, second):
+    assert first.names() == second.names()
+    assert torch.equal(first.position, second.position)
+    for name, a, b in zip(first.names(), first.tensors(), second.tensors()):
+        assert (a - b).abs().max().item() <= TOLERANCE, name
+
+
+def chunk_plans(w0):
+    rng = random.Random(w0)
+    return {"1": [1], "3": [3], "w0-1": [max(1, w0 - 1)], "w0": [w0], "w0+1": [w0 + 1],
+            "random": [rng.randint(1, 2 * w0 + 3) for _ in range(50)]}
+
+
+@pytest.mark.parametrize("windows", [(4, 4), (7, 5, 3)])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("plan", ["1", "3", "w0-1", "w0", "w0+1", "random"])
+def test_chunked_equals_parallel(windows, num_layers, plan):
+    model = tiny_model(windows, num_layers)
+    steps = 3 * model.receptive_field + 5  # far past the reach, across every level boundary
+    x = random_input(2, steps, 5)
+    with torch.no_grad():
+        whole, whole_state = model(x)
+        chunked, chunked_state = run_in_chunks(model, x, chunk_plans(windows[0])[plan])
+    assert (whole - chunked).abs().max().item() <= TOLERANCE
+    assert_states_close(whole_state, chunked_state)
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_chunked_equals_parallel_windows_100_100(num_layers):
+    """The design's two levels of 100: 3x the receptive field, chunks of every kind.
+
+    Single steps and chunks of 3 are fed across the stretches around top-level
+    boundaries far past the reach; the rest goes in chunks of w0-1, w0, w0+1
+    and random sizes.
+    """
+    model = tiny_model((100, 100), num_layers, hidden_size=8, input_size=3, summary_slots=1, num_heads=1)
+    steps = 3 * model.receptive_field
+    x = random_input(2, steps, 3)
+    rng = random.Random(7)
+    sizes = []
+    while sum(sizes) < steps:
+        position = sum(sizes)
+        near_boundary = position % 10_000 > 10_000 - 150 or position % 10_000 < 150
+        if near_boundary and position > model.receptive_field:
+            sizes.append(rng.choice([1, 3]))
+        else:
+            sizes.append(rng.choice([99, 100, 101, rng.randint(1, 700)]))
+    with torch.no_grad():
+        whole, whole_state = model(x)
+        chunked, chunked_state = run_in_chunks(model, x, sizes)
+    assert (whole - chunked).abs().max().item() <= TOLERANCE
+    assert_states_close(whole_state, chunked_state)
+
+
+def test_streams_at_different_positions_continue_exactly():
+    """A batch whose streams stopped at different lengths continues each one exactly."""
+    model = tiny_model((4, 3), 2)
+    x = random_input(3, 60, 5)
+    lengths = torch.tensor([17, 30, 5])
+    with torch.no_grad():
+        _, state = model(x[:, :30], lengths=lengths)
+        following = torch.stack([x[row, length:length + 20] for row, length in enumerate(lengths.tolist())])
+        continued, _ = model(following, state)
+        for row, length in enumerate(lengths.tolist()):
+            alone, _ = model(x[row:row + 1, : length + 20])
+            reference = alone[0, length:length + 20]
+            assert (continued[row] - reference).abs().max().item() <= TOLERANCE
