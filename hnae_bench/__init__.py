@@ -1,0 +1,1 @@
+"""Benchmark, training and command-line tools for hnae (tasks, models, runs, reports)."""
