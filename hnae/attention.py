@@ -7,9 +7,9 @@ Dimension letters (as in the rest of ``hnae``):
     N query blocks of w_0 positions in this chunk, S keys per query block.
 
 Level-0 items are the inputs; a level-(l+1) item is the summary (K vectors) of
-one complete block of w_l level-l items. Position t in level-0 block b attends
-with one softmax over
-    - the last w_0 inputs (t - w_0 + 1 .. t), positions by rotary embedding;
+one complete block of w_l level-l items, pooled from their keys and values.
+Position t in level-0 block b attends with one softmax over
+    - the last w_0 inputs (t - w_0 + 1 .. t), positions by periodic rotary;
     - for each l >= 1, the last w_l level-l summaries complete when block b
       started, each with a learned embedding of its age in the window.
 All positions of a block share the summaries, so one
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .pooling import AttentionPool
+from .rotary import PeriodicRotary
 from .reach import level_spans
 from .state import layer_state_shapes
 
@@ -74,55 +75,60 @@ class HierarchicalAttention(nn.Module):
         self.spans = level_spans(self.windows)
         self.query_key_value = nn.Linear(d_model, 3 * d_model, bias=bias, **factory)
         self.output = nn.Linear(d_model, d_model, bias=bias, **factory)
+        # Rotary phase on the first dims of each head (local keys only); summary keys are
+        # zero there, so their scores do not depend on where the query sits in its block.
+        self.rotary = PeriodicRotary(self.head_width, self.windows[0])
+        content = torch.ones(self.head_width, **factory)
+        content[: self.rotary.rotary_width] = 0.0
+        self.register_buffer("content_mask", content, persistent=False)  # (E,)
         self.pools = nn.ModuleList(
             AttentionPool(d_model, num_heads, width * (1 if level == 0 else summary_slots), summary_slots,
-                          bias=bias, **factory)
+                          content, bias=bias, **factory)
             for level, width in enumerate(self.windows[:-1]))
         self.age_keys = nn.ParameterList(
-            nn.Parameter(torch.randn(width, d_model, **factory) * 0.02) for width in self.windows[1:])
+            nn.Parameter(torch.randn(num_heads, width, self.head_width, **factory) * 0.02)
+            for width in self.windows[1:])  # (H, w_l, E) per level
         self.age_values = nn.ParameterList(
-            nn.Parameter(torch.randn(width, d_model, **factory) * 0.02) for width in self.windows[1:])
-        # Rotary positions on the first `rotary_width` dims of each head (local keys only);
-        # summary keys are zero there, so their scores do not depend on the query's place.
-        self.rotary_width = 2 * (self.head_width // 4)
-        half = self.rotary_width // 2
-        inverse_frequency = 1.0 / (10000.0 ** (torch.arange(half, dtype=torch.float64) / max(half, 1)))
-        self.register_buffer("inverse_frequency", inverse_frequency.float(), persistent=False)
-        content = torch.ones(self.head_width)
-        content[: self.rotary_width] = 0.0
-        self.register_buffer("content_mask", content, persistent=False)  # (E,)
+            nn.Parameter(torch.randn(num_heads, width, self.head_width, **factory) * 0.02)
+            for width in self.windows[1:])
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return layer_state_shapes(self.windows, self.slots, self.num_heads, self.d_model)
-
-    def _rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding of x (..., P, E) at integer positions (P,)."""
-        if self.rotary_width == 0:
-            return x
-        half = self.rotary_width // 2
-        angles = positions.to(torch.float32).unsqueeze(1) * self.inverse_frequency  # (P, E_r/2)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        first, second, rest = x[..., :half], x[..., half:self.rotary_width], x[..., self.rotary_width:]
-        return torch.cat([first * cos - second * sin, first * sin + second * cos, rest], dim=-1)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, n, ..., D) -> (B, H, n, ..., E)."""
         heads = x.view(*x.shape[:-1], self.num_heads, self.head_width)
         return heads.movedim(-2, 1)
 
+    def summarise(self, level: int, keys: torch.Tensor, values: torch.Tensor):
+        """Pool complete blocks of level-(l-1) items into level-l summaries and their keys/values.
+
+        keys, values: (B, H, M, n, E) with n = w_{l-1} items (x K slots above level 0).
+        Returns the summaries' keys and values, (B, H, M, K, E) each; keys are zero on rotary dims.
+        """
+        summaries = self.pools[level - 1](keys, values)  # (B, M, K, D)
+        d_model = self.d_model
+        weight = self.query_key_value.weight[d_model:]  # (2D, D)
+        bias = None if self.query_key_value.bias is None else self.query_key_value.bias[d_model:]
+        new_keys, new_values = F.linear(summaries, weight, bias).chunk(2, dim=-1)  # (B, M, K, D) each
+        return self._split_heads(new_keys) * self.content_mask, self._split_heads(new_values)
+
     def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,
                       end: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch, length, d_model = x.shape  # (B, C, D)
         heads, width, slots = self.num_heads, self.head_width, self.slots
         w0 = self.windows[0]
-        offset = start % w0  # inputs of the current block already consumed
+        offset = start % w0  # inputs of the current level-0 block already consumed
         block_start = start - offset  # absolute position of the first query block
         num_blocks = math.ceil((offset + length) / w0)
         tail = num_blocks * w0 - offset - length
         device = x.device
 
         queries, keys, values = self.query_key_value(x).chunk(3, dim=-1)  # (B, C, D) each
-        queries, keys, values = (self._split_heads(t) for t in (queries, keys, values))  # (B, H, C, E)
+        positions = torch.arange(start, start + length, device=device)
+        queries = self.rotary(self._split_heads(queries), positions)  # (B, H, C, E)
+        keys = self.rotary(self._split_heads(keys), positions)  # (B, H, C, E), stored rotated
+        values = self._split_heads(values)  # (B, H, C, E)
 
         def local_stream(stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             # absolute positions block_start - w0 .. : (B, H, (N + 1) * w0, E)
@@ -131,42 +137,34 @@ class HierarchicalAttention(nn.Module):
 
         key_stream = local_stream(state["local_keys"], keys)
         value_stream = local_stream(state["local_values"], values)
-        places = torch.arange(2 * w0, device=device)
-        key_parts = [self._rotate(key_stream.unfold(2, 2 * w0, w0).transpose(-1, -2), places)]  # (B, H, N, 2w0, E)
-        value_parts = [value_stream.unfold(2, 2 * w0, w0).transpose(-1, -2)]  # (B, H, N, 2w0, E)
+        key_parts = [key_stream.unfold(2, 2 * w0, w0).transpose(-1, -2)]  # (B, H, N, 2w0, E)
+        value_parts = [value_stream.unfold(2, 2 * w0, w0).transpose(-1, -2)]
         query_blocks = torch.cat([queries.new_zeros(batch, heads, offset, width), queries,
                                   queries.new_zeros(batch, heads, tail, width)], dim=2)
-        query_blocks = self._rotate(query_blocks.view(batch, heads, num_blocks, w0, width), places[w0:])
+        query_blocks = query_blocks.view(batch * heads, num_blocks, w0, width)  # (B*H, N, w0, E)
 
         # Local mask: query i of block b sees key j (position (b-1)*w0 + j) iff i < j <= i + w0, j >= 0.
         block_index = torch.arange(num_blocks, device=device) + block_start // w0  # (N,) absolute
         query_place = torch.arange(w0, device=device).view(1, w0, 1)
-        key_place = places.view(1, 1, 2 * w0)
+        key_place = torch.arange(2 * w0, device=device).view(1, 1, 2 * w0)
         mask_parts = [(key_place > query_place) & (key_place <= query_place + w0)
                       & ((block_index - 1).view(-1, 1, 1) * w0 + key_place >= 0)]  # (N, w0, 2w0)
-
         new_state = {
             "local_keys": take_windows(key_stream, 2, block_start - w0, end - w0, w0),
             "local_values": take_windows(value_stream, 2, block_start - w0, end - w0, w0),
         }
-        # Raw items of the level below, by item: (B, n, P, D); P = 1 for inputs, K for summaries.
-        items = torch.cat([state["pending_0"][:, :offset], x], dim=1).unsqueeze(2)
-        items_start = block_start
-        new_state["pending_0"] = take_windows(items, 1, items_start, end // w0 * w0, w0, end % w0).squeeze(2)
 
-        key_weight, value_weight = self.query_key_value.weight[d_model:].chunk(2, dim=0)
-        key_bias = value_bias = None
-        if self.query_key_value.bias is not None:
-            key_bias, value_bias = self.query_key_value.bias[d_model:].chunk(2)
+        # Items of the level below as (B, H, n, P, E) streams; level 0: the inputs from block_start.
+        item_keys = key_stream[:, :, w0:w0 + offset + length].unsqueeze(3)  # (B, H, n, 1, E)
+        item_values = value_stream[:, :, w0:w0 + offset + length].unsqueeze(3)
         for level in range(1, len(self.windows)):
             below, level_width, span = self.windows[level - 1], self.windows[level], self.spans[level]
-            complete = items.shape[1] // below
-            block_items = items[:, : complete * below].reshape(batch * complete, below * items.shape[2], d_model)
-            summaries = self.pools[level - 1](block_items).view(batch, complete, slots, d_model)  # (B, m, K, D)
-            first_new = items_start // below  # absolute index of the first new level-l item
-
-            new_keys = self._split_heads(F.linear(summaries, key_weight, key_bias))  # (B, H, m, K, E)
-            new_values = self._split_heads(F.linear(summaries, value_weight, value_bias))
+            complete = item_keys.shape[2] // below
+            block_shape = (batch, heads, complete, below * item_keys.shape[3], width)
+            new_keys, new_values = self.summarise(
+                level, item_keys[:, :, : complete * below].reshape(block_shape),
+                item_values[:, :, : complete * below].reshape(block_shape))  # (B, H, m, K, E)
+            first_new = block_start // span  # absolute index of the first new level-l item
             stored_shape = (batch, heads, level_width, slots, width)
             key_items = torch.cat([state[f"memory_keys_{level}"].view(stored_shape), new_keys], dim=2)
             value_items = torch.cat([state[f"memory_values_{level}"].view(stored_shape), new_values], dim=2)
@@ -174,38 +172,32 @@ class HierarchicalAttention(nn.Module):
 
             visible = block_index * w0 // span  # (N,) level-l items complete when each block starts
             window = (visible - first_new).unsqueeze(1) + torch.arange(level_width, device=device)  # (N, w_l)
-            age_keys = self._split_heads(self.age_keys[level - 1].unsqueeze(0)).squeeze(0)  # (H, w_l, E)
-            age_values = self._split_heads(self.age_values[level - 1].unsqueeze(0)).squeeze(0)
-            window_shape = (batch, heads, num_blocks, level_width * slots, width)
-            level_keys = key_items.index_select(2, window.flatten()).view(
-                batch, heads, num_blocks, level_width, slots, width) + age_keys.unsqueeze(1).unsqueeze(3)
-            level_values = value_items.index_select(2, window.flatten()).view(
-                batch, heads, num_blocks, level_width, slots, width) + age_values.unsqueeze(1).unsqueeze(3)
-            key_parts.append((level_keys * self.content_mask).reshape(window_shape))
-            value_parts.append(level_values.reshape(window_shape))
+            window_shape = (batch, heads, num_blocks, level_width, slots, width)
+            flat_shape = (batch, heads, num_blocks, level_width * slots, width)
+            level_keys = key_items.index_select(2, window.flatten()).view(window_shape)
+            level_values = value_items.index_select(2, window.flatten()).view(window_shape)
+            age_keys = (self.age_keys[level - 1] * self.content_mask).unsqueeze(1).unsqueeze(3)  # (H, 1, w_l, 1, E)
+            key_parts.append((level_keys + age_keys).reshape(flat_shape))
+            value_parts.append((level_values + self.age_values[level - 1].unsqueeze(1).unsqueeze(3))
+                               .reshape(flat_shape))
             exists = (visible.unsqueeze(1) - level_width + torch.arange(level_width, device=device)) >= 0
             mask_parts.append(exists.repeat_interleave(slots, dim=1).unsqueeze(1).expand(-1, w0, -1))
 
             state_shape = (batch, heads, level_width * slots, width)
-            newest = end // span  # (B,) items complete at each element's end
+            newest = end // span  # (B,) level-l items complete at each element's end
             new_state[f"memory_keys_{level}"] = take_windows(
                 key_items, 2, stream_start, newest - level_width, level_width).reshape(state_shape)
             new_state[f"memory_values_{level}"] = take_windows(
                 value_items, 2, stream_start, newest - level_width, level_width).reshape(state_shape)
-            if level < len(self.windows) - 1:
-                carried = first_new % level_width
-                pending = state[f"pending_{level}"].view(batch, level_width, slots, d_model)[:, :carried]
-                items = torch.cat([pending, summaries], dim=1)  # (B, n, K, D)
-                items_start = first_new - carried
-                first_pending = newest - newest % level_width
-                new_state[f"pending_{level}"] = take_windows(
-                    items, 1, items_start, first_pending, level_width, newest % level_width
-                ).reshape(batch, level_width * slots, d_model)
+            # The next level pools this level's items from its incomplete block on (held in memory).
+            carried = first_new % level_width
+            item_keys = key_items[:, :, level_width - carried:]  # (B, H, n, K, E)
+            item_values = value_items[:, :, level_width - carried:]
 
         all_keys = torch.cat(key_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
         all_values = torch.cat(value_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
-        mask = torch.cat(mask_parts, dim=2)  # (N, w0, S)
-        attended = F.scaled_dot_product_attention(query_blocks.flatten(0, 1), all_keys, all_values,
+        mask = torch.cat(mask_parts, dim=2).unsqueeze(0)  # (1, N, w0, S): 4-D keeps the fused CPU kernel
+        attended = F.scaled_dot_product_attention(query_blocks, all_keys, all_values,
                                                   attn_mask=mask)  # (B*H, N, w0, E)
         attended = attended.view(batch, heads, num_blocks * w0, width)[:, :, offset:offset + length]
         output = self.output(attended.transpose(1, 2).reshape(batch, length, d_model))  # (B, C, D)

@@ -9,12 +9,14 @@ width, ``D`` model width), named ``layer{i}.<field>``:
 
 - ``local_keys``, ``local_values`` (B, H, w_0, E): keys and values of the last
   ``w_0`` inputs, oldest first (zeros before the start of the stream).
-- ``pending_0`` (B, w_0, D): the normalised inputs of the level-0 block being
-  filled, by place in the block; ``position % w_0`` of them are real.
 - ``memory_keys_{l}``, ``memory_values_{l}`` (B, H, w_l * K, E), ``l >= 1``:
   keys and values of the last ``w_l`` level-``l`` summaries, oldest first.
-- ``pending_{l}`` (B, w_l * K, D), ``1 <= l <= L - 2``: the level-``l``
-  summaries of the level-``l`` block being filled.
+
+Local keys are stored with their rotary phase applied (it is exact and
+periodic: see ``hnae.rotary``). The items of a block still being filled are
+the newest entries of these windows (a block never holds more than its
+window), so the summary of a block is pooled from the state when it
+completes: nothing else is kept.
 
 Plus ``position`` (B,) int64: the number of inputs each stream has consumed.
 Nothing in it grows with the position: its size is fixed by the windows.
@@ -35,13 +37,10 @@ def layer_state_shapes(windows: tuple[int, ...], slots: int, num_heads: int,
     shapes = {
         "local_keys": (num_heads, w0, head_width),
         "local_values": (num_heads, w0, head_width),
-        "pending_0": (w0, d_model),
     }
     for level in range(1, len(windows)):
         shapes[f"memory_keys_{level}"] = (num_heads, windows[level] * slots, head_width)
         shapes[f"memory_values_{level}"] = (num_heads, windows[level] * slots, head_width)
-        if level < len(windows) - 1:
-            shapes[f"pending_{level}"] = (windows[level] * slots, d_model)
     return shapes
 
 

@@ -34,7 +34,7 @@ def test_dense_causal_softmax_when_the_window_covers_everything():
         q, k, v = attention.query_key_value(x[0]).chunk(3, dim=-1)  # (T, D) each
         q, k, v = (split_heads(t, heads) for t in (q, k, v))  # (H, T, E)
         positions = torch.arange(steps)
-        q, k = attention._rotate(q, positions), attention._rotate(k, positions)
+        q, k = attention.rotary(q, positions), attention.rotary(k, positions)
         scores = q @ k.transpose(-1, -2) / math.sqrt(d_model // heads)  # (H, T, T)
         scores = scores.masked_fill(torch.ones(steps, steps).triu(1).bool(), float("-inf"))
         dense = (scores.softmax(-1) @ v).transpose(0, 1).reshape(steps, d_model)  # (T, D)
@@ -49,23 +49,33 @@ def naive_hierarchy(attention, x):
     heads, width, slots = attention.num_heads, attention.head_width, attention.slots
     windows, spans, w0 = attention.windows, level_spans(attention.windows), attention.windows[0]
     q, k, v = attention.query_key_value(x).chunk(3, dim=-1)  # (T, D)
+    positions = torch.arange(steps)
+    q = attention.rotary(split_heads(q, heads), positions)  # (H, T, E)
+    k = attention.rotary(split_heads(k, heads), positions)
+    v = split_heads(v, heads)
     weight_k, weight_v = attention.query_key_value.weight[d_model:].chunk(2)
     bias_k, bias_v = attention.query_key_value.bias[d_model:].chunk(2)
-    items = [x.unsqueeze(1)]  # level-l items: (n_l, P, D)
+    # Items of each level as keys/values (H, n, P, E); level 0: the inputs.
+    item_keys, item_values = [k.unsqueeze(2)], [v.unsqueeze(2)]
     for level in range(1, len(windows)):
-        below = items[-1]
-        count = below.shape[0] // windows[level - 1]
-        pooled = [attention.pools[level - 1](below[j * windows[level - 1]:(j + 1) * windows[level - 1]]
-                                              .reshape(1, -1, d_model))[0] for j in range(count)]
-        items.append(torch.stack(pooled) if pooled else x.new_zeros(0, slots, d_model))
+        below = windows[level - 1]
+        keys_below, values_below = item_keys[-1], item_values[-1]
+        new_keys, new_values = [], []
+        for j in range(keys_below.shape[1] // below):
+            block_keys = keys_below[:, j * below:(j + 1) * below].reshape(1, heads, 1, -1, width)
+            block_values = values_below[:, j * below:(j + 1) * below].reshape(1, heads, 1, -1, width)
+            summary = attention.pools[level - 1](block_keys, block_values)[0, 0]  # (K, D)
+            new_keys.append(split_heads(summary @ weight_k.T + bias_k, heads) * attention.content_mask)
+            new_values.append(split_heads(summary @ weight_v.T + bias_v, heads))  # (H, K, E)
+        empty = x.new_zeros(heads, 0, slots, width)
+        item_keys.append(torch.stack(new_keys, 1) if new_keys else empty)
+        item_values.append(torch.stack(new_values, 1) if new_values else empty)
     outputs = []
     for t in range(steps):
         keys, values = [], []
         for s in range(max(0, t - w0 + 1), t + 1):
-            key = attention._rotate(split_heads(k[s:s + 1], heads), torch.tensor([s]))  # (H, 1, E)
-            query_place = t
-            keys.append(key[:, 0])
-            values.append(split_heads(v[s:s + 1], heads)[:, 0])
+            keys.append(k[:, s])
+            values.append(v[:, s])
         block = t // w0
         for level in range(1, len(windows)):
             visible = block * w0 // spans[level]
@@ -73,15 +83,12 @@ def naive_hierarchy(attention, x):
                 if j < 0:
                     continue
                 for slot in range(slots):
-                    summary = items[level][j, slot]
-                    key = summary @ weight_k.T + bias_k + attention.age_keys[level - 1][place]
-                    value = summary @ weight_v.T + bias_v + attention.age_values[level - 1][place]
-                    keys.append(key.view(heads, width) * attention.content_mask)
-                    values.append(value.view(heads, width))
-        query = attention._rotate(split_heads(q[t:t + 1], heads), torch.tensor([query_place]))[:, 0]  # (H, E)
+                    keys.append(item_keys[level][:, j, slot]
+                                + attention.age_keys[level - 1][:, place] * attention.content_mask)
+                    values.append(item_values[level][:, j, slot] + attention.age_values[level - 1][:, place])
         key_set, value_set = torch.stack(keys, 1), torch.stack(values, 1)  # (H, S, E)
-        weights = ((key_set @ query.unsqueeze(-1)).squeeze(-1) / math.sqrt(width)).softmax(-1)  # (H, S)
-        outputs.append((weights.unsqueeze(-1) * value_set).sum(1).reshape(d_model))
+        scores = (key_set @ q[:, t].unsqueeze(-1)).squeeze(-1) / math.sqrt(width)  # (H, S)
+        outputs.append((scores.softmax(-1).unsqueeze(-1) * value_set).sum(1).reshape(d_model))
     return attention.output(torch.stack(outputs))  # (T, D)
 
 
