@@ -202,3 +202,58 @@ class HierarchicalAttention(nn.Module):
         attended = attended.view(batch, heads, num_blocks * w0, width)[:, :, offset:offset + length]
         output = self.output(attended.transpose(1, 2).reshape(batch, length, d_model))  # (B, C, D)
         return output, new_state
+
+    def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], position: torch.Tensor,
+             branch_free: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One input per stream: x (B, D) at positions (B,) (they may differ) -> (B, D), new state.
+
+        The same keys as ``forward_chunk`` sees, held in fixed-size shift registers: a
+        summary is pooled when its block completes and shifted into its level's window.
+        ``branch_free`` pools every step and selects with ``torch.where`` (for export).
+        """
+        batch, d_model = x.shape  # (B, D)
+        heads, width, slots = self.num_heads, self.head_width, self.slots
+        w0 = self.windows[0]
+        queries, keys, values = self.query_key_value(x).view(batch, 1, 3 * d_model).chunk(3, dim=-1)
+        place = position.view(batch, 1, 1)  # broadcast over (H, 1)
+        queries = self.rotary(self._split_heads(queries), place)  # (B, H, 1, E)
+        keys = self.rotary(self._split_heads(keys), place)
+        local_keys = torch.cat([state["local_keys"][:, :, 1:], keys], dim=2)  # (B, H, w0, E)
+        local_values = torch.cat([state["local_values"][:, :, 1:], self._split_heads(values)], dim=2)
+        key_parts, value_parts = [local_keys], [local_values]
+        masks = [position.view(batch, 1) - w0 + 1 + torch.arange(w0, device=x.device) >= 0]  # (B, w0)
+        for level in range(1, len(self.windows)):
+            level_width = self.windows[level]
+            age_keys = (self.age_keys[level - 1] * self.content_mask).repeat_interleave(slots, dim=1)
+            age_values = self.age_values[level - 1].repeat_interleave(slots, dim=1)  # (H, w_l*K, E)
+            key_parts.append(state[f"memory_keys_{level}"] + age_keys)
+            value_parts.append(state[f"memory_values_{level}"] + age_values)
+            complete = torch.div(position, self.spans[level], rounding_mode="floor")  # (B,)
+            exists = complete.view(batch, 1) - level_width + torch.arange(level_width, device=x.device) >= 0
+            masks.append(exists.repeat_interleave(slots, dim=1))  # (B, w_l*K)
+        mask = torch.cat(masks, dim=1).view(batch, 1, 1, -1)  # (B, 1, 1, S)
+        attended = F.scaled_dot_product_attention(queries, torch.cat(key_parts, dim=2),
+                                                  torch.cat(value_parts, dim=2), attn_mask=mask)  # (B, H, 1, E)
+        output = self.output(attended.transpose(1, 2).reshape(batch, d_model))  # (B, D)
+
+        new_state = {"local_keys": local_keys, "local_values": local_values}
+        consumed = position + 1
+        item_keys, item_values = local_keys.unsqueeze(3), local_values.unsqueeze(3)  # (B, H, w, P, E)
+        for level in range(1, len(self.windows)):
+            level_width = self.windows[level]
+            memory_shape = (batch, heads, level_width, slots, width)
+            memory_keys = state[f"memory_keys_{level}"].view(memory_shape)
+            memory_values = state[f"memory_values_{level}"].view(memory_shape)
+            completes = consumed % self.spans[level] == 0  # (B,)
+            if branch_free or bool(completes.any()):
+                block_shape = (batch, heads, 1, item_keys.shape[2] * item_keys.shape[3], width)
+                new_keys, new_values = self.summarise(level, item_keys.reshape(block_shape),
+                                                      item_values.reshape(block_shape))  # (B, H, 1, K, E)
+                chosen = completes.view(batch, 1, 1, 1, 1)
+                memory_keys = torch.where(chosen, torch.cat([memory_keys[:, :, 1:], new_keys], 2), memory_keys)
+                memory_values = torch.where(chosen, torch.cat([memory_values[:, :, 1:], new_values], 2),
+                                            memory_values)
+            new_state[f"memory_keys_{level}"] = memory_keys.reshape(batch, heads, level_width * slots, width)
+            new_state[f"memory_values_{level}"] = memory_values.reshape(batch, heads, level_width * slots, width)
+            item_keys, item_values = memory_keys, memory_values  # the newest w_l items: a block when complete
+        return output, new_state

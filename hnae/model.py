@@ -128,8 +128,36 @@ class HNAE(nn.Module):
     def _parameter_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def step(self, x: torch.Tensor, state: HNAEState | None = None, branch_free: bool = False):
+        """One time step for every stream: x (B, input_size) -> output (B, out_features), state.
+
+        Equivalent to ``forward`` on a chunk of length 1 (which uses it), for streams at
+        any positions. ``branch_free=True`` avoids data-dependent Python branches (export).
+        """
+        if not isinstance(x, torch.Tensor) or x.dim() != 2:
+            raise ValueError(f"x must be a 2-D tensor (B, input_size), got {getattr(x, 'shape', type(x))}")
+        batched, _ = check_input(x.unsqueeze(1), self.config.__class__(**{**self.config.to_dict(),
+                                                                           "batch_first": True}),
+                                 self._parameter_dtype())
+        check_state(state, self.config, x.shape[0], x.device)
+        if state is None:
+            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        return self._step(batched[:, 0], state, branch_free)
+
+    def _step(self, x: torch.Tensor, state: HNAEState, branch_free: bool = False):
+        hidden, new_layers = x, []
+        for index, (block,) in enumerate(self.layers):
+            hidden, layer_state = block.step(hidden, state.layers[index], state.position, branch_free)
+            new_layers.append(layer_state)
+            if index < self.num_layers - 1:
+                hidden = self.between_layers(hidden)
+        return hidden, HNAEState(state.position + 1, new_layers, state.signature)
+
     def _causal(self, x: torch.Tensor, state: HNAEState, lengths) -> tuple[torch.Tensor, HNAEState]:
         """Run the causal stack over x (B, T, F) from ``state``; split by position if they differ."""
+        if x.shape[1] == 1 and (lengths is None or bool((lengths == 1).all())):
+            output, new_state = self._step(x[:, 0], state)  # one step: the fixed-size path
+            return output.unsqueeze(1), new_state
         positions = state.position
         if bool((positions != positions[0]).any()):
             return self._causal_by_position(x, state, lengths)

@@ -34,12 +34,12 @@ class PeriodicRotary(nn.Module):
         self.register_buffer("multipliers", multipliers, persistent=False)  # (E_r/2,)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (..., P, E) at integer positions (P,) -> the same shape, rotated."""
+        """x (..., E) rotated by integer positions broadcastable to x.shape[:-1], e.g. (P,) for x (B, H, P, E)."""
         if self.rotary_width == 0:
             return x
         half = self.rotary_width // 2
         phase = (positions.to(torch.int64).remainder(self.period).unsqueeze(1) * self.multipliers) % self.period
-        angles = phase.to(torch.float32) * (2 * math.pi / self.period)  # (P, E_r/2)
+        angles = phase.to(torch.float32) * (2 * math.pi / self.period)  # (..., E_r/2)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         first, second, rest = x[..., :half], x[..., half:self.rotary_width], x[..., self.rotary_width:]
         return torch.cat([first * cos - second * sin, first * sin + second * cos, rest], dim=-1)
