@@ -95,6 +95,18 @@ class HNAE(nn.Module):
     def flatten_parameters(self) -> None:
         """No-op, for code written for nn.LSTM."""
 
+    # ------------------------------------------------------------ save, load
+    def save_pretrained(self, directory) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (needs the safetensors package)."""
+        from .pretrained import save_pretrained
+        save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory, device=None, dtype=None) -> "HNAE":
+        """Load a model written by ``save_pretrained``; never unpickles anything."""
+        from .pretrained import load_pretrained
+        return load_pretrained(cls, directory, device=device, dtype=dtype)
+
     # --------------------------------------------------------------- forward
     def forward(self, input, state: HNAEState | None = None, lengths=None):
         packed = isinstance(input, PackedSequence)
