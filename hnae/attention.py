@@ -137,8 +137,11 @@ class HierarchicalAttention(nn.Module):
 
         key_stream = local_stream(state["local_keys"], keys)
         value_stream = local_stream(state["local_values"], values)
-        key_parts = [key_stream.unfold(2, 2 * w0, w0).transpose(-1, -2)]  # (B, H, N, 2w0, E)
-        value_parts = [value_stream.unfold(2, 2 * w0, w0).transpose(-1, -2)]
+        key_blocks = key_stream.view(batch, heads, num_blocks + 1, w0, width)
+        value_blocks = value_stream.view(batch, heads, num_blocks + 1, w0, width)
+        # Each query block sees the block before it and its own: (B, H, N, w0, E) twice.
+        key_parts = [key_blocks[:, :, :-1], key_blocks[:, :, 1:]]
+        value_parts = [value_blocks[:, :, :-1], value_blocks[:, :, 1:]]
         query_blocks = torch.cat([queries.new_zeros(batch, heads, offset, width), queries,
                                   queries.new_zeros(batch, heads, tail, width)], dim=2)
         query_blocks = query_blocks.view(batch * heads, num_blocks, w0, width)  # (B*H, N, w0, E)
@@ -194,12 +197,23 @@ class HierarchicalAttention(nn.Module):
             item_keys = key_items[:, :, level_width - carried:]  # (B, H, n, K, E)
             item_values = value_items[:, :, level_width - carried:]
 
+        rows = slice(0, w0)
+        if num_blocks == 1:  # a chunk inside one block: only its own rows and the keys they can see
+            rows = slice(offset, offset + length)
+            first_key = max(offset + 1, w0 - block_start)  # older keys are out of the window or before 0
+            local_keys = torch.cat(key_parts[:2], dim=3)[:, :, :, first_key:w0 + offset + length]
+            local_values = torch.cat(value_parts[:2], dim=3)[:, :, :, first_key:w0 + offset + length]
+            key_parts[:2], value_parts[:2] = [local_keys], [local_values]
+            mask_parts[0] = mask_parts[0][:, :, first_key:w0 + offset + length]
+            query_blocks = query_blocks[:, :, rows]
         all_keys = torch.cat(key_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
         all_values = torch.cat(value_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
-        mask = torch.cat(mask_parts, dim=2).unsqueeze(0)  # (1, N, w0, S): 4-D keeps the fused CPU kernel
-        attended = F.scaled_dot_product_attention(query_blocks, all_keys, all_values,
-                                                  attn_mask=mask)  # (B*H, N, w0, E)
-        attended = attended.view(batch, heads, num_blocks * w0, width)[:, :, offset:offset + length]
+        mask = torch.cat([m[:, rows] for m in mask_parts], dim=2).unsqueeze(0)  # (1, N, rows, S): 4-D keeps
+        attended = F.scaled_dot_product_attention(query_blocks, all_keys, all_values,  # the fused CPU kernel
+                                                  attn_mask=mask)  # (B*H, N, rows, E)
+        if num_blocks > 1:
+            attended = attended.view(batch, heads, num_blocks * w0, width)[:, :, offset:offset + length]
+        attended = attended.reshape(batch, heads, length, width)
         output = self.output(attended.transpose(1, 2).reshape(batch, length, d_model))  # (B, C, D)
         return output, new_state
 
