@@ -98,7 +98,7 @@ class HierarchicalAttention(nn.Module):
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         """(B, n, ..., D) -> (B, H, n, ..., E)."""
         heads = x.view(*x.shape[:-1], self.num_heads, self.head_width)
-        return heads.movedim(-2, 1)
+        return heads.movedim(x.dim() - 1, 1)  # positive dims: exporters mistranslate negative ones
 
     def summarise(self, level: int, keys: torch.Tensor, values: torch.Tensor):
         """Pool complete blocks of level-(l-1) items into level-l summaries and their keys/values.

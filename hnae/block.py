@@ -2,7 +2,7 @@
 
 Pre-norm residual, as in most modern transformers:
 
-    h = project_in(x)                       # (B, C, D)  (identity when widths agree)
+    h = project_in(x) + place[t mod w_0]    # (B, C, D)  (identity when widths agree)
     h = h + attention(norm_attention(h))    # hierarchical, causal
     h = h + feed_forward(norm_feed_forward(h))
     y = project_out(norm_output(h))         # (B, C, D) or (B, C, proj_size)
@@ -30,6 +30,8 @@ class HNAEBlock(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.project_in = (nn.Identity() if in_features == hidden_size
                            else nn.Linear(in_features, hidden_size, bias=bias, **factory))
+        # Where each step sits in its level-0 block: order inside windows (copying needs it).
+        self.place_embedding = nn.Parameter(torch.randn(windows[0], hidden_size, **factory) * 0.02)
         self.norm_attention = nn.LayerNorm(hidden_size, **factory)
         self.attention = HierarchicalAttention(hidden_size, num_heads, windows, summary_slots, bias=bias,
                                                **factory)
@@ -46,7 +48,8 @@ class HNAEBlock(nn.Module):
     def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,
                       end: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, C, in_features) at positions start.. ; returns (B, C, out_features) and the state at end."""
-        hidden = self.project_in(x)  # (B, C, D)
+        places = torch.arange(start, start + x.shape[1], device=x.device) % self.place_embedding.shape[0]
+        hidden = self.project_in(x) + self.place_embedding[places]  # (B, C, D)
         attended, new_state = self.attention.forward_chunk(self.norm_attention(hidden), state, start, end)
         hidden = hidden + attended
         hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))
@@ -55,7 +58,7 @@ class HNAEBlock(nn.Module):
     def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], position: torch.Tensor,
              branch_free: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One input per stream: x (B, in_features) at positions (B,) -> (B, out_features), state."""
-        hidden = self.project_in(x)  # (B, D)
+        hidden = self.project_in(x) + self.place_embedding[position % self.place_embedding.shape[0]]  # (B, D)
         attended, new_state = self.attention.step(self.norm_attention(hidden), state, position, branch_free)
         hidden = hidden + attended
         hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))
