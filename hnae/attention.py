@@ -36,23 +36,23 @@ from .reach import level_spans
 from .state import layer_state_shapes
 
 
-def take_windows(stream: torch.Tensor, time_dim: int, stream_start: int, first: torch.Tensor,
-                 width: int, count: torch.Tensor | None = None) -> torch.Tensor:
+def take_windows(stream: torch.Tensor, time_dim: int, stream_start: int, first, width: int) -> torch.Tensor:
     """Per batch element, ``width`` consecutive entries of ``stream`` along ``time_dim``.
 
     stream: (B, ..., n, ...) whose entry i along time_dim is absolute index stream_start + i.
-    first: (B,) absolute index of each element's first entry. count: (B,) entries to keep;
-    the rest are zeroed. Returns the stream's shape with ``width`` along time_dim.
+    first: absolute index of the first entry, an int (the same for every element: a copied
+    slice) or a (B,) tensor. Returns the stream's shape with ``width`` along time_dim.
     """
+    if stream.shape[time_dim] == 0:  # nothing in the stream yet: all entries are empty
+        shape = list(stream.shape)
+        shape[time_dim] = width
+        return stream.new_zeros(shape)
+    if isinstance(first, int):
+        return stream.narrow(time_dim, first - stream_start, width).clone()  # no view of the stream kept
     moved = stream.movedim(time_dim, 1)  # (B, n, ...)
-    if moved.shape[1] == 0:  # nothing in the stream yet: all entries are empty
-        return moved.new_zeros(moved.shape[0], width, *moved.shape[2:]).movedim(1, time_dim)
     offsets = first.unsqueeze(1) - stream_start + torch.arange(width, device=first.device)  # (B, width)
     rows = torch.arange(moved.shape[0], device=first.device).unsqueeze(1)  # (B, 1)
     picked = moved[rows, offsets.clamp(0, moved.shape[1] - 1)]  # (B, width, ...)
-    if count is not None:
-        keep = torch.arange(width, device=first.device).unsqueeze(0) < count.unsqueeze(1)  # (B, width)
-        picked = picked * keep.view(*keep.shape, *([1] * (picked.dim() - 2))).to(picked.dtype)
     return picked.movedim(1, time_dim)
 
 
@@ -61,7 +61,8 @@ class HierarchicalAttention(nn.Module):
 
     ``forward_chunk(x, state, start, end)``: x (B, C, D) normalised inputs at
     positions start .. start + C - 1; state: this layer's dict of tensors at
-    ``start``; end (B,): where each element's stream stops (``start + length``).
+    ``start``; end: where each element's stream stops (``start + length``), an int when
+    all stop together, else a (B,) tensor.
     Returns the output (B, C, D) and the layer's state at ``end``.
     """
 
@@ -114,7 +115,7 @@ class HierarchicalAttention(nn.Module):
         return self._split_heads(new_keys) * self.content_mask, self._split_heads(new_values)
 
     def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,
-                      end: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      end) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch, length, d_model = x.shape  # (B, C, D)
         heads, width, slots = self.num_heads, self.head_width, self.slots
         w0 = self.windows[0]
@@ -187,7 +188,7 @@ class HierarchicalAttention(nn.Module):
             mask_parts.append(exists.repeat_interleave(slots, dim=1).unsqueeze(1).expand(-1, w0, -1))
 
             state_shape = (batch, heads, level_width * slots, width)
-            newest = end // span  # (B,) level-l items complete at each element's end
+            newest = end // span  # level-l items complete at each element's end (int or (B,))
             new_state[f"memory_keys_{level}"] = take_windows(
                 key_items, 2, stream_start, newest - level_width, level_width).reshape(state_shape)
             new_state[f"memory_values_{level}"] = take_windows(

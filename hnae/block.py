@@ -46,7 +46,7 @@ class HNAEBlock(nn.Module):
                             else nn.Identity())
 
     def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,
-                      end: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                      end) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, C, in_features) at positions start.. ; returns (B, C, out_features) and the state at end."""
         places = torch.arange(start, start + x.shape[1], device=x.device) % self.place_embedding.shape[0]
         hidden = self.project_in(x) + self.place_embedding[places]  # (B, C, D)

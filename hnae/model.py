@@ -174,15 +174,16 @@ class HNAE(nn.Module):
         if bool((positions != positions[0]).any()):
             return self._causal_by_position(x, state, lengths)
         steps = x.shape[1]
-        end = positions + (lengths if lengths is not None else steps)  # (B,)
         start = int(positions[0])
+        end = start + steps if lengths is None else positions + lengths  # int, or (B,) per stream
         hidden, new_layers = x, []
         for index, (block,) in enumerate(self.layers):
             hidden, layer_state = block.forward_chunk(hidden, state.layers[index], start, end)
             new_layers.append(layer_state)
             if index < self.num_layers - 1:
                 hidden = self.between_layers(hidden)
-        return hidden, HNAEState(end, new_layers, state.signature)
+        new_position = positions + steps if lengths is None else end
+        return hidden, HNAEState(new_position, new_layers, state.signature)
 
     def _causal_by_position(self, x, state, lengths):
         """Streams at different positions: run each group of equal positions on its own."""
@@ -208,7 +209,7 @@ class HNAE(nn.Module):
         time = torch.arange(steps, device=x.device).unsqueeze(0)  # (1, T)
         reverse = torch.where(time < lengths_or_full.unsqueeze(1), lengths_or_full.unsqueeze(1) - 1 - time,
                               time)  # (B, T): each sequence reversed within its length
-        end = lengths_or_full.to(torch.int64)
+        end = steps if lengths is None else lengths  # the state is not kept: an int avoids gathers
         fresh = self._fresh_layer_states(batch, x)
 
         def flip(t: torch.Tensor) -> torch.Tensor:

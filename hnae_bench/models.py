@@ -32,7 +32,7 @@ PRESETS = ('small', 'large')
 PARAMETER_TARGETS = {'small': 40_000, 'large': 400_000}
 STACK_DEPTH = {'small': 2, 'large': 4}       # layers of attention / state-space / xLSTM stacks
 RECURRENT_DEPTH = {'small': 1, 'large': 2}   # layers of nn.LSTM / nn.GRU
-HNAE_WINDOW = 32                             # every level's window; levels are added to cover max_len
+HNAE_WINDOW = 8                              # every level's window; levels are added to cover max_len
 TCN_KERNEL_SIZE = 8                          # the TCN paper's kernel for the copy task
 
 @dataclass
