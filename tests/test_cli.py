@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import hnae
 from hnae_bench.cli import COMMANDS, main
 from hnae_bench.train import TrainConfig, train
 
@@ -151,3 +152,15 @@ def test_ddp_with_two_gloo_processes_matches_one_process_with_the_same_global_ba
             assert abs(value - single.final_metrics[metric]) <= 1e-6
     logged = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert logged == [3, 6]  # rank 0 alone writes the log
+
+
+def test_inspect_describes_a_model_from_its_windows(capsys):
+    from hnae_bench import inspect_cli
+    assert inspect_cli.main(["--windows", "4,4", "--hidden-size", "16", "--num-layers", "2", "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    model = hnae.HNAE(1, 16, 2, windows=(4, 4))
+    assert facts["receptive_field"] == model.receptive_field
+    assert facts["guaranteed_reach_per_layer"] == 16
+    assert facts["state_bytes_per_stream"] == model.init_state(1).nbytes
+    assert facts["parameters"] == sum(p.numel() for p in model.parameters())
+    assert inspect_cli.main(["--windows", "4,0"]) == 2
