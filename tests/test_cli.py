@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hnae
+import hnae as hnae_library
 from hnae_bench.cli import COMMANDS, main
 from hnae_bench.train import TrainConfig, train
 
@@ -158,7 +158,7 @@ def test_inspect_describes_a_model_from_its_windows(capsys):
     from hnae_bench import inspect_cli
     assert inspect_cli.main(["--windows", "4,4", "--hidden-size", "16", "--num-layers", "2", "--json"]) == 0
     facts = json.loads(capsys.readouterr().out)
-    model = hnae.HNAE(1, 16, 2, windows=(4, 4))
+    model = hnae_library.HNAE(1, 16, 2, windows=(4, 4))
     assert facts["receptive_field"] == model.receptive_field
     assert facts["guaranteed_reach_per_layer"] == 16
     assert facts["state_bytes_per_stream"] == model.init_state(1).nbytes
