@@ -235,20 +235,28 @@ class HierarchicalAttention(nn.Module):
         keys = self.rotary(self._split_heads(keys), place)
         local_keys = torch.cat([state["local_keys"][:, :, 1:], keys], dim=2)  # (B, H, w0, E)
         local_values = torch.cat([state["local_values"][:, :, 1:], self._split_heads(values)], dim=2)
-        key_parts, value_parts = [local_keys], [local_values]
+        # One softmax over all parts, without concatenating their keys and values:
+        # scores are small (B, H, 1, S); summary ages enter as q . age and p . age.
+        scores = [torch.matmul(queries, local_keys.transpose(-1, -2))]  # (B, H, 1, w0)
         masks = [position.view(batch, 1) - w0 + 1 + torch.arange(w0, device=x.device) >= 0]  # (B, w0)
+        memories = []
         for level in range(1, len(self.windows)):
             level_width = self.windows[level]
             age_keys = (self.age_keys[level - 1] * self.content_mask).repeat_interleave(slots, dim=1)
             age_values = self.age_values[level - 1].repeat_interleave(slots, dim=1)  # (H, w_l*K, E)
-            key_parts.append(state[f"memory_keys_{level}"] + age_keys)
-            value_parts.append(state[f"memory_values_{level}"] + age_values)
+            memory_values = state[f"memory_values_{level}"]  # (B, H, w_l*K, E)
+            scores.append(torch.matmul(queries, state[f"memory_keys_{level}"].transpose(-1, -2))
+                          + torch.matmul(queries, age_keys.transpose(-1, -2)))  # (B, H, 1, w_l*K)
+            memories.append((memory_values, age_values))
             complete = torch.div(position, self.spans[level], rounding_mode="floor")  # (B,)
             exists = complete.view(batch, 1) - level_width + torch.arange(level_width, device=x.device) >= 0
             masks.append(exists.repeat_interleave(slots, dim=1))  # (B, w_l*K)
         mask = torch.cat(masks, dim=1).view(batch, 1, 1, -1)  # (B, 1, 1, S)
-        attended = F.scaled_dot_product_attention(queries, torch.cat(key_parts, dim=2),
-                                                  torch.cat(value_parts, dim=2), attn_mask=mask)  # (B, H, 1, E)
+        weights = (torch.cat(scores, dim=-1) * width ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+        weights = weights.split([w0] + [v.shape[2] for v, _ in memories], dim=-1)
+        attended = torch.matmul(weights[0], local_values)  # (B, H, 1, E)
+        for part, (memory_values, age_values) in zip(weights[1:], memories):
+            attended = attended + torch.matmul(part, memory_values) + torch.matmul(part, age_values)
         output = self.output(attended.transpose(1, 2).reshape(batch, d_model))  # (B, D)
 
         new_state = {"local_keys": local_keys, "local_values": local_values}

@@ -30,6 +30,8 @@ def matmul_flops_per_step(config) -> int:
     per_layer = 2 * d * 3 * d + 2 * d * d + 2 * 2 * d * config.ffn_width  # qkv, output, feed-forward
     keys = w[0] + sum(width * slots for width in w[1:])
     per_layer += 2 * heads * keys * 2 * head_width  # one query: scores and mixing
+    summary_keys = keys - w[0]
+    per_layer += 2 * heads * summary_keys * 2 * head_width  # the summaries' ages: q . age and p . age
     for level in range(1, len(w)):  # one summary pooled per level and step
         items = w[level - 1] * (1 if level == 1 else slots)
         per_layer += 2 * heads * slots * items * 2 * head_width  # pooling attention
