@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import attend
+
 from .pooling import AttentionPool
 from .rotary import PeriodicRotary
 from .reach import level_spans
@@ -210,10 +212,10 @@ class HierarchicalAttention(nn.Module):
         all_keys = torch.cat(key_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
         all_values = torch.cat(value_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
         mask = torch.cat([m[:, rows] for m in mask_parts], dim=2).unsqueeze(0)  # (1, N, rows, S): 4-D keeps
-        attended = F.scaled_dot_product_attention(query_blocks, all_keys, all_values,  # the fused CPU kernel
-                                                  attn_mask=mask)  # (B*H, N, rows, E)
+        attended = attend(query_blocks, all_keys, all_values,  # the fused CPU kernel
+                          mask)  # (B*H, N, rows, E)
         if num_blocks > 1:
-            attended = attended.view(batch, heads, num_blocks * w0, width)[:, :, offset:offset + length]
+            attended = attended.reshape(batch, heads, num_blocks * w0, width)[:, :, offset:offset + length]
         attended = attended.reshape(batch, heads, length, width)
         output = self.output(attended.transpose(1, 2).reshape(batch, length, d_model))  # (B, C, D)
         return output, new_state

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import attend
+
 
 class AttentionPool(nn.Module):
     """Learned queries attend over the items of each block; one vector per slot.
@@ -48,7 +50,7 @@ class AttentionPool(nn.Module):
         values = (values + self.place_values.unsqueeze(1)).flatten(0, 1)  # (B*H, M, n, E)
         queries = (self.queries * self.content_mask).unsqueeze(1)  # (H, 1, K, E)
         queries = queries.expand(heads, blocks, self.slots, width).repeat(batch, 1, 1, 1)  # (B*H, M, K, E)
-        pooled = F.scaled_dot_product_attention(queries, keys, values)  # (B*H, M, K, E)
+        pooled = attend(queries, keys, values)  # (B*H, M, K, E)
         pooled = pooled.view(batch, heads, blocks, self.slots, width).permute(0, 2, 3, 1, 4)
         pooled = pooled.reshape(batch, blocks, self.slots, heads * width)  # (B, M, K, D)
         return self.norm(self.output(pooled))  # (B, M, K, D)
