@@ -32,7 +32,8 @@ PRESETS = ('small', 'large')
 PARAMETER_TARGETS = {'small': 40_000, 'large': 400_000}
 STACK_DEPTH = {'small': 2, 'large': 4}       # layers of attention / state-space / xLSTM stacks
 RECURRENT_DEPTH = {'small': 1, 'large': 2}   # layers of nn.LSTM / nn.GRU
-HNAE_WINDOW = 8                              # every level's window; levels are added to cover max_len
+HNAE_WINDOWS = {'small': 8, 'large': 64}      # every level's window; levels are added to cover max_len
+HNAE_SLOTS = {'small': 4, 'large': 2}        # small: copy-style recall of many symbols; large: long T
 TCN_KERNEL_SIZE = 8                          # the TCN paper's kernel for the copy task
 
 @dataclass
@@ -211,7 +212,7 @@ class CausalTransformer(nn.Module):
 
 # --- recipes: one per family ------------------------------------------------------------------
 
-def hnae_windows(max_len: int, window: int = HNAE_WINDOW) -> tuple[int, ...]:
+def hnae_windows(max_len: int, window: int = HNAE_WINDOWS['small']) -> tuple[int, ...]:
     """At least two levels of `window`, more until one layer's guaranteed reach covers max_len."""
     levels = 2
     while window ** levels < max_len:
@@ -222,14 +223,14 @@ def hnae_windows(max_len: int, window: int = HNAE_WINDOW) -> tuple[int, ...]:
 def _recipe_hnae(task, preset, max_len):
     import hnae   # the library itself; an ImportError here is a real failure, not a missing peer
 
-    windows = hnae_windows(max_len)
-    layers = STACK_DEPTH[preset]
+    windows = hnae_windows(max_len, HNAE_WINDOWS[preset])
+    layers, slots = STACK_DEPTH[preset], HNAE_SLOTS[preset]
 
     def make(width):
         encoder = hnae.HNAE(task.input_size, width, num_layers=layers, batch_first=True,
-                            windows=windows, summary_slots=4, ffn_multiplier=2)
+                            windows=windows, summary_slots=slots, ffn_multiplier=2)
         return HNAEBody(encoder)
-    return BodyRecipe(make, 8, {'num_layers': layers, 'windows': list(windows), 'summary_slots': 4,
+    return BodyRecipe(make, 8, {'num_layers': layers, 'windows': list(windows), 'summary_slots': slots,
                                 'ffn_multiplier': 2, 'guaranteed_reach': math.prod(windows)})
 
 
