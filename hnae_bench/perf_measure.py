@@ -1,0 +1,361 @@
+"""What ``hnae bench perf`` measures: the jobs a measurement's child process runs.
+
+``hnae_bench.perf_isolation`` runs ``JOBS[job["kind"]](job, phase)`` in a fresh
+process; a job calls ``phase(name[, results so far])`` as it enters each timed
+phase (so that each call's time can be capped) and returns one result dict.
+
+- ``measure_training``: forward + backward of a mean-square loss at (B, T) and its
+  peak memory, a no-grad forward and its peak memory, the model FLOPs.
+- ``measure_streaming``: one ``step``'s latency at stream positions (each state
+  prefilled in one parallel call), and at a large batch.
+- ``measure_matmul_peak``: FLOP/s of a large square matmul, the yardstick of MFU.
+
+Dimension letters: B batch, T time steps, C input features, D width, K outputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import gc
+import io
+import resource
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from hnae_bench.models import build_model, count_parameters
+from hnae_bench.tasks import Task
+
+REFERENCE_STEP_MODEL = "hnae-2x128"   # hnae.HNAE(C, 128, num_layers=2), the library's default windows
+WARMUP_STEPS = 256                    # the warm-up call's T: kernels and allocator warmed, memory peak not reached
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}   # None: no autocast
+
+
+class RandomFeatures(Task):
+    """A stand-in task for ``build_model``: C = K = ``input_size`` float features per step, no targets."""
+    name = "random_features"
+
+    def __init__(self, seq_len: int, input_size: int):
+        super().__init__(seq_len)
+        self.input_size = self.output_size = input_size
+        self.total_length = seq_len
+        self.chance_loss = float("nan")
+
+
+def serialise_model(model: nn.Module, limit_bytes: int = 64 * 2 ** 20) -> bytes | None:
+    """The pickled model, or None where it cannot be pickled (pytorch-tcn's weight-norm
+    parametrisations) or is larger than ``limit_bytes`` (a quadratic mask buffer)."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(model, buffer)
+    except Exception:  # noqa: BLE001 - whatever stops pickling, the child builds the model itself
+        return None
+    return buffer.getvalue() if buffer.tell() <= limit_bytes else None
+
+
+def load_job_model(job: dict) -> nn.Module:
+    """The job's model on its device: unpickled from ``model_bytes`` when the parent sent them, else built."""
+    if job.get("model_bytes"):
+        model = torch.load(io.BytesIO(job["model_bytes"]), weights_only=False)
+    else:
+        model = build_perf_model(job["name"], job["preset"], job["input_size"], job["max_len"])
+    return model.to(job["device"])
+
+
+def build_perf_model(name: str, preset: str, input_size: int, max_len: int) -> nn.Module:
+    """The model ``name`` at ``preset``'s parameter budget, reaching ``max_len`` steps, with
+    ``model_config`` filled in; seeded, so that parent and child build the same weights."""
+    torch.manual_seed(0)
+    if name == REFERENCE_STEP_MODEL:
+        import hnae
+
+        model = hnae.HNAE(input_size, 128, num_layers=2, batch_first=True)
+        model.model_config = {"name": name, "width": 128, "num_layers": 2, "windows": list(model.windows),
+                              "parameters": count_parameters(model), "max_len": max_len,
+                              "receptive_field": model.receptive_field}
+        return model
+    return build_model(name, RandomFeatures(max_len, input_size), preset, max_len)
+
+
+# ---- timing, memory and precision ------------------------------------------------------------
+
+def autocast(device: str, dtype: str):
+    """bf16 autocast on ``device``'s type, or nothing for fp32."""
+    if DTYPES[dtype] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=DTYPES[dtype])
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function, device: str) -> float:
+    """Seconds of one call of ``function()``, the device's queue drained on both sides."""
+    synchronize(device)
+    started = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def timed_calls(function, device: str, min_seconds: float, max_calls: int, times=()) -> list[float]:
+    """Seconds of each call, ``times`` (calls made already) and more until ``min_seconds`` or ``max_calls``."""
+    times = list(times)
+    while not times or (len(times) < max_calls and sum(times) < min_seconds):
+        times.append(timed(function, device))
+    return times
+
+
+def status_kilobytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _release_free_memory() -> None:
+    """Give freed heap memory back to the system, so that the resident set is what is in use."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@contextlib.contextmanager
+def peak_memory(device: str):
+    """Yields a dict that gets 'delta' (peak bytes during the block above those held at its start) and 'method'.
+
+    CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the peak
+    resident set (VmHWM, reset through /proc/self/clear_refs) minus the resident set
+    at entry, freed memory given back first; where the peak cannot be reset, the
+    process's ``ru_maxrss`` (right for the first large call of a fresh process).
+    """
+    record: dict = {}
+    synchronize(device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base, record["method"] = torch.cuda.memory_allocated(device), "torch.cuda.max_memory_allocated - before"
+    else:
+        _release_free_memory()
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")   # 5: reset the peak resident set to the current one
+            record["method"] = "VmHWM (reset by /proc/self/clear_refs) - VmRSS before"
+        except OSError:
+            record["method"] = "ru_maxrss (fresh process) - VmRSS before"
+        base = (status_kilobytes("VmRSS") or 0) * 1024
+    yield record
+    synchronize(device)
+    if torch.device(device).type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    elif record["method"].startswith("VmHWM"):
+        peak = (status_kilobytes("VmHWM") or 0) * 1024
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: kilobytes
+    record["delta"] = max(0, peak - base)
+
+
+# ---- FLOPs --------------------------------------------------------------------------------------
+
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the CUDA attention kernels; the CPU flash kernel gets the same formula
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
+
+
+RECURRENT_FLOP_STEPS = 256   # nn.LSTM / nn.GRU longer than this: counted at 128 and 256 steps, extrapolated
+
+
+def _count(model: nn.Module, x: torch.Tensor, device: str, dtype: str) -> dict:
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the mkldnn flags context warns about a deprecated TF32 switch
+        with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False), counter:
+            with autocast(device, dtype):
+                output = model(x)   # (B, T, K)
+            forward = counter.get_total_flops()
+            output.float().pow(2).mean().backward()
+    model.zero_grad(set_to_none=True)
+    by_op = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    return {"forward": forward, "training": counter.get_total_flops(), "by_op": by_op}
+
+
+def count_flops(model: nn.Module, x: torch.Tensor, device: str, dtype: str) -> dict:
+    """Model FLOPs of one forward and one forward + backward on x (B, T, C): matmuls, convolutions
+    and attention (elementwise work is not counted), oneDNN and cuDNN off so that recurrent gates
+    run as matmuls the counter sees. A recurrence's count is affine in T, so nn.LSTM and nn.GRU
+    over 256 steps are counted at 128 and 256 steps and extrapolated (step by step takes minutes)."""
+    steps = x.shape[1]
+    recurrent = isinstance(getattr(getattr(model, "body", None), "rnn", None), nn.RNNBase)
+    if not recurrent or steps <= RECURRENT_FLOP_STEPS:
+        return {**_count(model, x, device, dtype), "counted_steps": [steps]}
+    short, long = RECURRENT_FLOP_STEPS // 2, RECURRENT_FLOP_STEPS
+    low, high = _count(model, x[:, :short], device, dtype), _count(model, x[:, :long], device, dtype)
+
+    def at_length(a: int, b: int) -> int:
+        return round(a + (b - a) * (steps - short) / (long - short))
+    return {"forward": at_length(low["forward"], high["forward"]),
+            "training": at_length(low["training"], high["training"]),
+            "by_op": {op: at_length(low["by_op"].get(op, 0), flops) for op, flops in high["by_op"].items()},
+            "counted_steps": [short, long]}
+
+
+# ---- the jobs -----------------------------------------------------------------------------------
+
+def measure_training(job: dict, phase) -> dict:
+    """Training (forward + backward) and parallel inference of one model at (B, T) = (batch_size, seq_len)."""
+    device, dtype = job["device"], job["dtype"]
+    model = load_job_model(job)
+    batch, steps = job["batch_size"], job["seq_len"]
+    generator = torch.Generator().manual_seed(job["seed"])
+    x = torch.randn(batch, steps, job["input_size"], generator=generator).to(device)   # (B, T, C)
+
+    def train_call(inputs: torch.Tensor) -> None:
+        model.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            output = model(inputs)   # (B, T, K)
+        output.float().pow(2).mean().backward()
+
+    def inference_call(inputs: torch.Tensor) -> None:
+        with torch.no_grad(), autocast(device, dtype):
+            model(inputs)
+
+    phase("warmup")
+    warm = x[:, :min(steps, WARMUP_STEPS)]   # (B, <=256, C)
+    timed(lambda: train_call(warm), device)
+    timed(lambda: inference_call(warm), device)
+    result = {"tokens": batch * steps, "threads": torch.get_num_threads()}
+    for kind, call in (("train", train_call), ("inference", inference_call)):
+        model.train(kind == "train")
+        phase(kind)
+        with peak_memory(device) as memory:   # the first full-size call: nothing larger ran before it
+            first = timed(functools.partial(call, x), device)
+        result[f"{kind}_seconds"] = timed_calls(functools.partial(call, x), device, job["min_seconds"],
+                                                job["max_calls"], [first])
+        result[f"{kind}_peak_bytes"], result["memory_method"] = memory["delta"], memory["method"]
+        model.zero_grad(set_to_none=True)
+    if job["count_flops"] and min(result["train_seconds"]) > job["count_flops_below"]:
+        result["flops_skipped"] = f"not counted: a call took over {job['count_flops_below']:g} s"
+    elif job["count_flops"]:   # one more forward + backward, slower under the counter
+        phase("flops", dict(result))   # over the cap, the count is lost but not the timings
+        model.train()
+        result["flops"] = count_flops(model, x, device, dtype)
+    return result
+
+
+class Streamer:
+    """One step at a time for hnae (``HNAE.step``) and nn.LSTM / nn.GRU (their (h, c) or h state)."""
+
+    def __init__(self, model: nn.Module):
+        body = getattr(model, "body", model)
+        self.head = getattr(model, "head", nn.Identity())
+        self.recurrent = getattr(body, "rnn", None)
+        self.encoder = getattr(body, "encoder", body if hasattr(body, "step") else None)
+        if self.recurrent is None and self.encoder is None:
+            raise ValueError(f"model: {type(body).__name__} has no streaming step (hnae, lstm and gru have)")
+
+    def prefill(self, x: torch.Tensor, state):
+        """x (B, t, C): the state after the stream went through x, in one parallel call."""
+        if self.recurrent is not None:
+            return self.recurrent(x, state)[1]
+        return self.encoder(x, state)[1]
+
+    def step(self, x_t: torch.Tensor, state):
+        """x_t (B, C) -> output (B, K), state."""
+        if self.recurrent is not None:
+            output, state = self.recurrent(x_t.unsqueeze(1), state)   # (B, 1, D)
+            return self.head(output[:, 0]), state
+        output, state = self.encoder.step(x_t, state)   # (B, D)
+        return self.head(output), state
+
+    @staticmethod
+    def nbytes(state) -> int:
+        if hasattr(state, "nbytes") and not isinstance(state, torch.Tensor):
+            return int(state.nbytes)
+        tensors = state if isinstance(state, tuple) else (state,)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def measure_streaming(job: dict, phase) -> dict:
+    """Median step latency at each stream position (batch 1) and at a large batch."""
+    device, dtype = job["device"], job["dtype"]
+    model = load_job_model(job).eval()
+    streamer = Streamer(model)
+    generator = torch.Generator().manual_seed(job["seed"])
+
+    def features(batch: int, steps: int) -> torch.Tensor:
+        return torch.randn(batch, steps, job["input_size"], generator=generator).to(device)   # (B, t, C)
+
+    positions = job["positions"]
+    with torch.no_grad(), autocast(device, dtype):
+        states, state, reached = [], None, 0
+        for position in positions:   # the stream carried from one position to the next
+            phase(f"prefill to {position}")
+            state = streamer.prefill(features(1, position - reached), state)
+            states.append(state)
+            reached = position
+        phase("steps at batch 1")
+        latencies = _time_steps(streamer, states, features(1, 1)[:, 0], job, device)   # x_t (1, C)
+        batch = job["stream_batch"]
+        phase(f"prefill batch {batch}")
+        wide = [streamer.prefill(features(batch, positions[0]), None)]
+        phase(f"steps at batch {batch}")
+        [wide_seconds] = _time_steps(streamer, wide, features(batch, 1)[:, 0], job, device)   # x_t (batch, C)
+    return {"positions": list(positions), "latency_seconds": latencies, "stream_batch": batch,
+            "state_bytes": [streamer.nbytes(s) for s in states], "batch_step_seconds": wide_seconds,
+            "batch_state_bytes": streamer.nbytes(wide[0]), "steps_timed": job["steps"],
+            "threads": torch.get_num_threads()}
+
+
+def _time_steps(streamer: Streamer, states: list, x_t: torch.Tensor, job: dict, device: str) -> list[float]:
+    """Median seconds of one step of each state (advanced in place), the states taking turns."""
+    seconds: list[list[float]] = [[] for _ in states]
+    for index in range(job["warmup_steps"] + job["steps"]):
+        for slot in range(len(states)):
+            started = time.perf_counter()
+            _, states[slot] = streamer.step(x_t, states[slot])
+            synchronize(device)
+            if index >= job["warmup_steps"]:
+                seconds[slot].append(time.perf_counter() - started)
+    return [statistics.median(s) for s in seconds]
+
+
+def measure_matmul_peak(job: dict, phase) -> dict:
+    """FLOP/s of (n, n) @ (n, n) in the run's precision: the best call and the median call."""
+    device, size = job["device"], job["size"]
+    element = DTYPES[job["dtype"]] or torch.float32
+    a = torch.randn(size, size, device=device, dtype=element)   # (n, n)
+    b = torch.randn(size, size, device=device, dtype=element)   # (n, n)
+    phase("warmup")
+    timed_calls(lambda: a @ b, device, float("inf"), 2)
+    phase("matmul")
+    seconds = timed_calls(lambda: a @ b, device, job["min_seconds"], job["max_calls"])
+    flops = 2 * size ** 3
+    tf32 = (torch.backends.cuda.matmul.allow_tf32 if torch.device(device).type == "cuda" else None)
+    return {"size": size, "dtype": str(element).removeprefix("torch."), "calls": len(seconds),
+            "best_flops_per_second": flops / min(seconds),
+            "median_flops_per_second": flops / statistics.median(seconds),
+            "cuda_tf32": tf32, "threads": torch.get_num_threads()}
+
+
+JOBS = {"train": measure_training, "stream": measure_streaming, "matmul": measure_matmul_peak}   # by job["kind"]

@@ -1,0 +1,82 @@
+"""Tests that touch CUDA (skipped where there is no GPU; scripts/gpu_check.sh runs them with `-k cuda`):
+the same outputs and gradients as on the CPU, streaming = parallel, a bf16 autocast training step,
+and the perf measurements' CUDA paths (peak memory, FLOP counting)."""
+import copy
+
+import pytest
+import torch
+
+from conftest import random_input, tiny_model
+from hnae_bench import perf_measure
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """No TF32 while comparing with the CPU (it rounds matmul inputs to 10 mantissa bits)."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def test_cuda_forward_and_backward_match_cpu():
+    cpu_model = tiny_model(windows=(4, 4), num_layers=2).train()
+    cuda_model = copy.deepcopy(cpu_model).cuda()
+    x = random_input(3, 37, 5)   # (B, T, C): not a multiple of any window
+    cpu_out, cpu_state = cpu_model(x)
+    cuda_out, cuda_state = cuda_model(x.cuda())
+    torch.testing.assert_close(cuda_out.cpu(), cpu_out, atol=1e-5, rtol=1e-4)
+    assert cuda_state.position.device.type == "cuda" and cuda_state.position.tolist() == [37, 37, 37]
+    cpu_out.pow(2).mean().backward()
+    cuda_out.pow(2).mean().backward()
+    for (name, cpu_parameter), cuda_parameter in zip(cpu_model.named_parameters(), cuda_model.parameters()):
+        torch.testing.assert_close(cuda_parameter.grad.cpu(), cpu_parameter.grad, atol=1e-5, rtol=1e-3,
+                                   msg=lambda text, name=name: f"{name}: {text}")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_cuda_streaming_equals_parallel(chunk):
+    model = tiny_model(windows=(4, 4), num_layers=2).cuda()
+    x = random_input(2, 50, 5).cuda()   # (B, T, C): past the reach of 16 + 4
+    with torch.no_grad():
+        whole, _ = model(x)
+        state, pieces = None, []
+        for start in range(0, x.shape[1], chunk):
+            piece, state = model(x[:, start:start + chunk], state)
+            pieces.append(piece)
+    streamed = torch.cat(pieces, dim=1)
+    assert (streamed - whole).abs().max().item() <= 1e-5
+    assert state.position.tolist() == [50, 50]
+
+
+def test_cuda_bf16_autocast_training_step_is_finite():
+    model = tiny_model(windows=(8, 8), num_layers=2, hidden_size=32).cuda().train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    x = random_input(4, 200, 5).cuda()
+    seen = []
+    hook = model.layers[0][0].attention.query_key_value.register_forward_hook(
+        lambda module, inputs, result: seen.append(result.dtype))
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        output, _ = model(x)
+    hook.remove()
+    assert seen == [torch.bfloat16]  # the projections ran in bf16 (layer norms stay fp32 under autocast)
+    loss = output.float().pow(2).mean()
+    loss.backward()
+    optimiser.step()
+    assert torch.isfinite(loss).item()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+
+
+def test_cuda_perf_measures_memory_and_flops():
+    with perf_measure.peak_memory("cuda") as memory:
+        block = torch.empty(64 * 2 ** 20, dtype=torch.uint8, device="cuda")   # 64 MiB
+    del block
+    assert 64 * 2 ** 20 <= memory["delta"] < 80 * 2 ** 20 and "cuda" in memory["method"]
+    model = perf_measure.build_perf_model("hnae", "small", 8, 256).cuda()
+    counted = perf_measure.count_flops(model, torch.randn(2, 256, 8, device="cuda"), "cuda", "bf16")
+    assert counted["training"] > counted["forward"] > 0
+    assert any("attention" in op or "bmm" in op for op in counted["by_op"])   # attention is counted, fused or not

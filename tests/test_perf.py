@@ -1,0 +1,187 @@
+"""`hnae bench perf`: the quick profile end to end, FLOP counting, failures and timeouts reported
+(never dropped), the skip rules, and the targets' PASS / MISS arithmetic."""
+import json
+import multiprocessing
+import time
+
+import pytest
+import torch
+
+from hnae_bench import perf, perf_isolation, perf_measure, perf_report
+from hnae_bench.peers import ModelUnavailable
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_json(tmp_path, *argv):
+    """Run `hnae bench perf argv --out tmp_path/run`; the exit code, perf.json and report.md."""
+    code = perf.main([*argv, "--out", str(tmp_path / "run")])
+    out = tmp_path / "run" / "perf"
+    return code, json.loads((out / "perf.json").read_text()), (out / "report.md").read_text()
+
+
+def test_quick_profile_end_to_end(tmp_path):
+    code, results, text = run_json(tmp_path, "--profile", "quick")
+    assert code == 0
+    out = tmp_path / "run" / "perf"
+    for name in ("perf_throughput.png", "perf_memory.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    assert set(results["plots"].values()) == {"perf_throughput.png", "perf_memory.png"}
+    assert set(results["training"]) == {"hnae", "lstm"}
+    for name, by_length in results["training"].items():
+        assert set(by_length) == {"256", "512"}
+        for steps, entry in by_length.items():
+            assert entry["status"] == "ok", entry
+            summary = entry["summary"]
+            assert summary["rounds"] == 2 and summary["tokens"] == 4 * int(steps)
+            assert summary["train_tokens_per_second"] == pytest.approx(summary["tokens"] / summary["train_seconds"])
+            assert summary["train_peak_bytes"] > 0 and summary["flops_training"] > 0 and 0 < summary["mfu"]
+            ratio = entry["ratio_to_lstm"]["train_tokens_per_second"]
+            lstm = results["training"]["lstm"][steps]["summary"]["train_tokens_per_second"]
+            assert ratio == pytest.approx(summary["train_tokens_per_second"] / lstm)
+            assert f"| {name} | {int(steps):,} | {results['models'][name]['config']['parameters']:,} | ok |" in text
+    assert results["training"]["lstm"]["256"]["ratio_to_lstm"]["train_tokens_per_second"] == 1.0
+    assert set(results["streaming"]) == {"hnae", "lstm", perf_measure.REFERENCE_STEP_MODEL}
+    for name, entry in results["streaming"].items():
+        summary = entry["summary"]
+        assert summary["positions"] == [100, 1000] and all(s > 0 for s in summary["latency_seconds"])
+        assert len(set(summary["state_bytes"])) == 1, name   # every state here is bounded
+        assert entry["ratio_to_lstm"]["batch_tokens_per_second"] > 0
+    assert results["matmul_peak"]["flops_per_second"] > 0 and len(results["matmul"]) == 2
+    assert [t["status"] in ("PASS", "MISS", "N/A") for t in results["targets"]] == [True] * 9
+    for key in ("cpu", "torch"):
+        assert results["machine"][key] in text
+    assert "hnae bench perf --profile quick" in text and "(1.00x)" in text
+    assert "![throughput](perf_throughput.png)" in text
+
+
+def test_flop_counts_see_recurrent_gates_and_cpu_attention(monkeypatch):
+    x = torch.randn(2, 64, 8)   # (B, T, C)
+    hnae_model = perf_measure.build_perf_model("hnae", "small", 8, 64)
+    counted = perf_measure.count_flops(hnae_model, x, "cpu", "fp32")
+    assert counted["training"] > counted["forward"] > 0
+    assert counted["by_op"].get("aten._scaled_dot_product_flash_attention_for_cpu", 0) > 0
+
+    lstm_model = perf_measure.build_perf_model("lstm", "small", 8, 64)
+    rnn = lstm_model.body.rnn
+    gates = 2 * 2 * 64 * 4 * rnn.hidden_size * (rnn.input_size + rnn.hidden_size)   # 2 B T 4H (C + H), layer 1
+    counted = perf_measure.count_flops(lstm_model, x, "cpu", "fp32")
+    assert counted["forward"] >= gates   # with oneDNN on, only the head's matmul would be counted
+    longer = torch.randn(2, 600, 8)
+    extrapolated = perf_measure.count_flops(lstm_model, longer, "cpu", "fp32")
+    assert extrapolated["counted_steps"] == [128, 256]
+    monkeypatch.setattr(perf_measure, "RECURRENT_FLOP_STEPS", 10 ** 6)   # now counted step by step
+    exact = perf_measure.count_flops(lstm_model, longer, "cpu", "fp32")
+    assert exact["counted_steps"] == [600]
+    for key in ("forward", "training"):
+        assert extrapolated[key] == exact[key], key   # a recurrence's count is affine in T: exact
+
+
+def test_model_forced_to_fail_is_reported(tmp_path, monkeypatch):
+    real = perf_measure.build_perf_model
+
+    def failing(name, *args):
+        if name == "hnae":
+            raise RuntimeError("forced failure for the test")
+        return real(name, *args)
+
+    monkeypatch.setattr(perf_measure, "build_perf_model", failing)
+    code, results, text = run_json(tmp_path, "--profile", "quick", "--models", "hnae,lstm", "--seq-lens", "64",
+                                   "--repeats", "1", "--no-stream")
+    assert code == 0
+    entry = results["training"]["hnae"]["64"]
+    assert entry["status"] == "error" and "forced failure for the test" in entry["error"]
+    assert results["training"]["lstm"]["64"]["status"] == "ok"
+    assert "| hnae | 64 | - | error: RuntimeError: forced failure for the test" in text
+    assert any(t["status"] == "N/A" for t in results["targets"])
+
+
+def test_failure_inside_the_child_comes_back_as_a_result():
+    context = perf_isolation.forkserver_context(["lstm"])
+    job = {"kind": "train", "name": "lstm", "model_bytes": b"not a pickle", "device": "cpu", "dtype": "fp32",
+           "threads": 1, "memory_limit_bytes": None}
+    result = perf_isolation.run_isolated(context, job, max_seconds=30)
+    assert result["status"] == "error" and "UnpicklingError" in result["error"], result
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    perf_isolation.child_main(sender, {"kind": "no such job", "device": "cpu"})
+    assert receiver.recv() == ("result", {"status": "error", "error": "KeyError: 'no such job'"})
+    assert perf_isolation.classify_failure(RuntimeError("DefaultCPUAllocator: can't allocate memory")) == "oom"
+    assert perf_isolation.classify_failure(MemoryError()) == "oom"
+    assert perf_isolation.classify_failure(ModelUnavailable("no package")) == "unavailable"
+    assert perf_isolation.classify_failure(ValueError("bad")) == "error"
+
+
+def _slow_flop_count(connection, job):
+    """A stand-in child: timings done, then a FLOP count that never ends."""
+    connection.send(("phase", "train", None))
+    connection.send(("phase", "flops", {"train_seconds": [0.25]}))
+    time.sleep(60)
+
+
+def test_timeout_in_an_optional_phase_keeps_the_timings():
+    context = multiprocessing.get_context("fork")   # safe here: the child runs no torch work
+    result = perf_isolation.run_isolated(context, {}, max_seconds=0.5, target=_slow_flop_count)
+    assert result["status"] == "ok" and result["train_seconds"] == [0.25]
+    assert result["cut_short"] == "flops ran over the 0.5 s cap"
+
+
+def test_timeout_is_reported_and_longer_lengths_skipped(tmp_path):
+    code, results, text = run_json(tmp_path, "--profile", "quick", "--models", "lstm", "--seq-lens", "64,128",
+                                   "--repeats", "1", "--no-stream", "--max-seconds", "0.001")
+    assert code == 0
+    first, second = results["training"]["lstm"]["64"], results["training"]["lstm"]["128"]
+    assert first["status"] == "timeout" and "over the 0.001 s cap" in first["error"]
+    assert second["status"] == "skipped: slower than the 0.001 s cap at T=64"
+    assert results["matmul"][0]["status"] == "timeout" and results["matmul_peak"]["flops_per_second"] is None
+    assert "| lstm | 64 |" in text and "timeout" in text
+
+
+def test_predicted_slow_length_is_skipped_not_run():
+    settings = {"max_seconds": 60.0, "prediction_margin": 1.5, "repeat_below": 15.0}
+    entries = {"1024": {"status": "ok", "rounds": [{"train_seconds": [30.0, 31.0]}]},
+               "4096": {"status": "pending", "rounds": []}}
+    decision = perf._training_decision(entries, [1024, 4096], 1, settings)
+    assert decision.startswith("skipped: slower than the cap") and ">= 120 s" in decision
+    entries["1024"]["rounds"][0]["train_seconds"] = [10.0]
+    assert perf._training_decision(entries, [1024, 4096], 1, settings) is None
+    assert perf._training_decision(entries, [1024, 4096], 0, settings) is None   # 10 s: repeated next round
+    entries["1024"]["rounds"][0]["train_seconds"] = [20.0]
+    assert perf._training_decision(entries, [1024, 4096], 0, settings) == "once"
+
+
+def _synthetic(hnae_rate, lstm_rate, transformer, bytes_at_64k=105.0):
+    def entry(rate, tokens=32768, per_token=100.0):
+        return {"status": "ok", "summary": {"train_tokens_per_second": rate, "tokens": tokens, "mfu": None,
+                                            "train_bytes_per_token": per_token}}
+    return {"settings": {"device": "cpu", "max_seconds": 60.0, "batch_size": 8, "stream_batch": 32},
+            "matmul_peak": {"flops_per_second": 1e11},
+            "training": {"hnae": {"4096": entry(hnae_rate), "16384": entry(hnae_rate, 131072),
+                                  "65536": entry(hnae_rate, 524288, bytes_at_64k)},
+                         "lstm": {"4096": entry(lstm_rate)}, "transformer": {"16384": transformer}}}
+
+
+def test_targets_say_pass_miss_and_bounds():
+    targets = perf_report.evaluate_targets(_synthetic(40_000, 80_000, {"status": "timeout"}))
+    assert len(targets) == 9 and "x lstm" in targets[0]["target"] and "x tcn" in targets[1]["target"]
+    lstm, tcn, transformer, longest, mfu, memory, latency = targets[:7]
+    assert lstm["status"] == "MISS" and lstm["value"] == 0.5 and "short by 50%" in lstm["detail"]
+    assert tcn["status"] == "N/A" and "not both in this run" in tcn["detail"]
+    assert transformer["status"] == "PASS"   # timed out at 60 s for 131,072 tokens: a lower bound of 18.3x
+    assert transformer["value"] == pytest.approx(40_000 * 60 / 131072)
+    assert longest["status"] == "PASS"
+    assert memory["status"] == "PASS" and memory["value"] == pytest.approx(1.05)
+    assert mfu["status"] == latency["status"] == "N/A" and mfu["value"] is None
+    again = perf_report.evaluate_targets(_synthetic(90_000, 80_000, {"status": "oom"}, bytes_at_64k=130.0))
+    assert again[0]["status"] == "PASS" and again[2]["status"] == "N/A" and "oom" in again[2]["detail"]
+    assert again[5]["status"] == "MISS" and "over by 18%" in again[5]["detail"]   # 1.30 against 1.10
+    slow = perf_report.evaluate_targets(_synthetic(10_000, 80_000, {"status": "timeout"}))[2]
+    assert slow["status"] == "N/A" and "undecided" in slow["detail"]   # a bound under 10x decides nothing
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        perf.main(["--seq-lens", "512,256"])
+    assert "--seq-lens" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert perf.main(["--device", "cuda"]) == 2
+        assert "--device cuda" in capsys.readouterr().err
