@@ -3,7 +3,7 @@
 # in under 5 minutes on one H100 / H200. Installs nothing and needs no .venv: the system python with torch.
 #
 #   bash scripts/gpu_check.sh                 # from the repository root
-#   PYTHON=python3.11 OUT=/tmp/gpu bash scripts/gpu_check.sh
+#   PYTHON=python3.11 OUT=runs/gpu-h200 bash scripts/gpu_check.sh
 #
 # Writes into ${OUT:-runs/gpu}: machine.txt, pytest.log, perf.log and perf/ (report.md, perf.json, PNGs).
 # Exit status: 0 when the tests passed (or pytest is missing) and the bench wrote its report, else 1.
