@@ -32,8 +32,9 @@ PRESETS = ('small', 'large')
 PARAMETER_TARGETS = {'small': 40_000, 'large': 400_000}
 STACK_DEPTH = {'small': 2, 'large': 4}       # layers of attention / state-space / xLSTM stacks
 RECURRENT_DEPTH = {'small': 1, 'large': 2}   # layers of nn.LSTM / nn.GRU
-HNAE_WINDOWS = {'small': 8, 'large': 64}      # every level's window; levels are added to cover max_len
-HNAE_SLOTS = {'small': 4, 'large': 2}        # small: copy-style recall of many symbols; large: long T
+HNAE_WINDOWS = {'small': 8, 'large': 64}      # windows of levels >= 1; levels are added to cover max_len
+HNAE_FIRST_WINDOW = {'small': 128, 'large': 64}  # level 0: a wide local window learns recall fast
+HNAE_SLOTS = {'small': 8, 'large': 2}        # small: copy-style recall of many symbols; large: long T
 TCN_KERNEL_SIZE = 8                          # the TCN paper's kernel for the copy task
 
 @dataclass
@@ -212,18 +213,19 @@ class CausalTransformer(nn.Module):
 
 # --- recipes: one per family ------------------------------------------------------------------
 
-def hnae_windows(max_len: int, window: int = HNAE_WINDOWS['small']) -> tuple[int, ...]:
-    """At least two levels of `window`, more until one layer's guaranteed reach covers max_len."""
-    levels = 2
-    while window ** levels < max_len:
-        levels += 1
-    return (window,) * levels
+def hnae_windows(max_len: int, window: int = HNAE_WINDOWS['small'], first: int | None = None) -> tuple[int, ...]:
+    """A level-0 window of `first` (default `window`), then levels of `window` until one layer's
+    guaranteed reach covers max_len (at least two levels)."""
+    windows = [first or window, window]
+    while math.prod(windows) < max_len:
+        windows.append(window)
+    return tuple(windows)
 
 
 def _recipe_hnae(task, preset, max_len):
     import hnae   # the library itself; an ImportError here is a real failure, not a missing peer
 
-    windows = hnae_windows(max_len, HNAE_WINDOWS[preset])
+    windows = hnae_windows(max_len, HNAE_WINDOWS[preset], HNAE_FIRST_WINDOW[preset])
     layers, slots = STACK_DEPTH[preset], HNAE_SLOTS[preset]
 
     def make(width):

@@ -21,6 +21,7 @@ import dataclasses
 import datetime
 import os
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from hnae_bench import perf_measure, perf_report
+from hnae_bench import perf_measure, perf_models, perf_report
 from hnae_bench.perf_isolation import forkserver_context, run_isolated
 from hnae_bench import models as model_zoo
 from hnae_bench.report import describe_machine
 
-STREAMING_MODELS = ("hnae", "lstm", "gru")   # the families with a step; plus perf_measure.REFERENCE_STEP_MODEL
+STREAMING_MODELS = ("hnae", "lstm", "gru")   # the families with a step; plus perf_models.REFERENCE_STEP_MODEL
 PREDICTION_MARGIN = 1.5     # skip T when the last T's call, scaled linearly, is over this many caps
 FLOP_COUNT_FRACTION = 0.25  # FLOPs are counted (first round) where a training call took under this many caps
 
@@ -64,7 +65,7 @@ PROFILES = {
                          max_seconds=30.0, preset="small", min_seconds=0.05, max_calls=3,
                          stream_positions=(100, 1000), stream_steps=10, stream_batch=8, matmul_size=256,
                          threads=1),
-    "default": PerfProfile("every model, T = 1k..64k, batch 8, ~0.4M parameters; ~15 minutes on 2 CPU cores",
+    "default": PerfProfile("every model, T = 1k..64k, batch 8, ~0.4M parameters; 15-25 minutes on 2 CPU cores",
                            model_zoo.MODEL_NAMES, (1024, 4096, 16_384, 65_536)),
 }
 
@@ -163,7 +164,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
                     memory_limit_bytes=limit, profile=args.profile, prediction_margin=PREDICTION_MARGIN,
                     flop_count_fraction=FLOP_COUNT_FRACTION,
                     stream_models=[name for name in STREAMING_MODELS if name in settings["models"]]
-                    + [perf_measure.REFERENCE_STEP_MODEL])
+                    + [perf_models.REFERENCE_STEP_MODEL])
     return settings
 
 
@@ -173,37 +174,6 @@ def _base_job(settings: dict, kind: str) -> dict:
     keys = ("device", "dtype", "threads", "input_size", "seed", "preset", "min_seconds", "max_calls",
             "memory_limit_bytes")
     return {"kind": kind, **{key: settings[key] for key in keys}}
-
-
-def describe_models(settings: dict, say, payloads: dict) -> dict:
-    """Build every model once in this process for its record: {name: {status, max_len, config}}.
-    ``payloads[name]`` gets the pickled model where it pickles (children then skip the build).
-
-    Built for the longest T of the run; a model that refuses that length is
-    built for each shorter T it accepts (so is measured there only).
-    """
-    longest = max(settings["seq_lens"])
-    names = list(dict.fromkeys(settings["models"] + (settings["stream_models"] if settings["stream"] else [])))
-    described = {}
-    for name in names:
-        entry = {}
-        for max_len in [longest] + sorted(set(settings["seq_lens"]) - {longest}, reverse=True):
-            try:
-                model = perf_measure.build_perf_model(name, settings["preset"], settings["input_size"], max_len)
-                entry = {"status": "ok", "max_len": max_len, "config": model.model_config,
-                         **({"refused_longer": entry["error"]} if entry else {})}
-                payloads[name] = perf_measure.serialise_model(model)
-                break
-            except model_zoo.ModelUnavailable as error:
-                entry = {"status": "unavailable", "error": str(error)}
-            except Exception as error:  # noqa: BLE001 - a model that cannot be built is one row's status
-                entry = {"status": "error", "error": f"{type(error).__name__}: {error}"}
-                break
-        described[name] = entry
-        say(f"  {name}: " + (f"{entry['config']['parameters']:,} parameters, width {entry['config'].get('width')}, "
-                             f"built for T <= {entry['max_len']:,}" if entry["status"] == "ok"
-                             else f"{entry['status']}: {entry['error'][:160]}"))
-    return described
 
 
 def _training_decision(entries: dict, seq_lens: list[int], index: int, settings: dict):
@@ -240,7 +210,7 @@ def _new_entries(settings: dict, described: dict) -> dict:
             if model["status"] != "ok":
                 training[name][str(steps)] = {"status": model["status"], "error": model["error"]}
             elif steps > model["max_len"]:
-                training[name][str(steps)] = {"status": "unavailable", "error": model["refused_longer"]}
+                training[name][str(steps)] = dict(model["refused_longer"])
             else:
                 training[name][str(steps)] = {"status": "pending", "rounds": []}
     return training
@@ -255,8 +225,8 @@ def _record(entries: dict, key: str, outcome: dict) -> bool:
         entry["rounds"].append(outcome)
     elif entry["status"] == "ok":
         entry.setdefault("failed_rounds", []).append({"status": outcome["status"], "error": outcome.get("error", "")})
-    else:
-        entries[key] = {"status": outcome["status"], "error": outcome.get("error", "")}
+    else:   # phase_seconds: its last phase is the one that failed
+        entries[key] = {field: outcome[field] for field in ("status", "error", "phase_seconds") if field in outcome}
     return outcome["status"] == "ok"
 
 
@@ -264,7 +234,7 @@ def run_perf(settings: dict, say, results: dict) -> None:
     """Measure everything ``settings`` asks for into ``results`` (filled as it goes, round by round)."""
     say("models:")
     payloads: dict[str, bytes | None] = {}
-    described = results["models"] = describe_models(settings, say, payloads)
+    described = results["models"] = perf_models.describe_models(settings, say, payloads)
     seq_lens, cap = settings["seq_lens"], settings["max_seconds"]
     training = results["training"] = _new_entries(settings, described)
     streaming = results["streaming"] = {name: {"status": "pending", "rounds": []} for name in settings["stream_models"]
@@ -342,11 +312,20 @@ def main(argv: list[str]) -> int:
                "started_at": datetime.datetime.now().isoformat(timespec="seconds"),
                "machine": describe_machine(settings["device"]), "load_average_start": list(os.getloadavg()),
                "settings": settings}
+    def stop(signal_number, frame):   # a SIGTERM (timeout, CI) ends the run like Ctrl-C: with a report
+        raise KeyboardInterrupt(f"signal {signal_number}")
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         run_perf(settings, say, results)
     except KeyboardInterrupt:
         results["interrupted"] = True
         say("interrupted: writing the report of what has run so far")
+        for entries in [*results.get("training", {}).values(), results.get("streaming", {})]:
+            for key, entry in entries.items():
+                if entry["status"] == "pending":
+                    entries[key] = {"status": "not run: the run was interrupted"}
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     results["load_average_end"] = list(os.getloadavg())
     results["seconds_total"] = time.perf_counter() - started
     perf_report.summarise(results)

@@ -18,7 +18,6 @@ import contextlib
 import ctypes
 import functools
 import gc
-import io
 import resource
 import statistics
 import time
@@ -28,58 +27,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from hnae_bench.models import build_model, count_parameters
-from hnae_bench.tasks import Task
+from hnae_bench.perf_models import load_job_model
 
-REFERENCE_STEP_MODEL = "hnae-2x128"   # hnae.HNAE(C, 128, num_layers=2), the library's default windows
 WARMUP_STEPS = 256                    # the warm-up call's T: kernels and allocator warmed, memory peak not reached
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}   # None: no autocast
-
-
-class RandomFeatures(Task):
-    """A stand-in task for ``build_model``: C = K = ``input_size`` float features per step, no targets."""
-    name = "random_features"
-
-    def __init__(self, seq_len: int, input_size: int):
-        super().__init__(seq_len)
-        self.input_size = self.output_size = input_size
-        self.total_length = seq_len
-        self.chance_loss = float("nan")
-
-
-def serialise_model(model: nn.Module, limit_bytes: int = 64 * 2 ** 20) -> bytes | None:
-    """The pickled model, or None where it cannot be pickled (pytorch-tcn's weight-norm
-    parametrisations) or is larger than ``limit_bytes`` (a quadratic mask buffer)."""
-    buffer = io.BytesIO()
-    try:
-        torch.save(model, buffer)
-    except Exception:  # noqa: BLE001 - whatever stops pickling, the child builds the model itself
-        return None
-    return buffer.getvalue() if buffer.tell() <= limit_bytes else None
-
-
-def load_job_model(job: dict) -> nn.Module:
-    """The job's model on its device: unpickled from ``model_bytes`` when the parent sent them, else built."""
-    if job.get("model_bytes"):
-        model = torch.load(io.BytesIO(job["model_bytes"]), weights_only=False)
-    else:
-        model = build_perf_model(job["name"], job["preset"], job["input_size"], job["max_len"])
-    return model.to(job["device"])
-
-
-def build_perf_model(name: str, preset: str, input_size: int, max_len: int) -> nn.Module:
-    """The model ``name`` at ``preset``'s parameter budget, reaching ``max_len`` steps, with
-    ``model_config`` filled in; seeded, so that parent and child build the same weights."""
-    torch.manual_seed(0)
-    if name == REFERENCE_STEP_MODEL:
-        import hnae
-
-        model = hnae.HNAE(input_size, 128, num_layers=2, batch_first=True)
-        model.model_config = {"name": name, "width": 128, "num_layers": 2, "windows": list(model.windows),
-                              "parameters": count_parameters(model), "max_len": max_len,
-                              "receptive_field": model.receptive_field}
-        return model
-    return build_model(name, RandomFeatures(max_len, input_size), preset, max_len)
 
 
 # ---- timing, memory and precision ------------------------------------------------------------
@@ -297,16 +248,29 @@ class Streamer:
 
 
 def measure_streaming(job: dict, phase) -> dict:
-    """Median step latency at each stream position (batch 1) and at a large batch."""
+    """Median step latency at each stream position (batch 1) and at a large batch.
+
+    Where cuDNN refuses an nn.LSTM / nn.GRU under bf16 autocast, that model streams
+    in fp32 instead, and the result says so (``precision``, ``autocast_error``).
+    """
     device, dtype = job["device"], job["dtype"]
-    model = load_job_model(job).eval()
-    streamer = Streamer(model)
+    streamer = Streamer(load_job_model(job).eval())
+    try:
+        return {"precision": dtype, **_stream(streamer, job, dtype, phase)}
+    except RuntimeError as error:
+        if dtype == "fp32" or streamer.recurrent is None or "cudnn" not in str(error).lower():
+            raise
+        phase("fp32 after a bf16 failure")
+        return {"precision": "fp32", "autocast_error": str(error)[:300], **_stream(streamer, job, "fp32", phase)}
+
+
+def _stream(streamer: Streamer, job: dict, dtype: str, phase) -> dict:
+    device, positions = job["device"], job["positions"]
     generator = torch.Generator().manual_seed(job["seed"])
 
     def features(batch: int, steps: int) -> torch.Tensor:
         return torch.randn(batch, steps, job["input_size"], generator=generator).to(device)   # (B, t, C)
 
-    positions = job["positions"]
     with torch.no_grad(), autocast(device, dtype):
         states, state, reached = [], None, 0
         for position in positions:   # the stream carried from one position to the next

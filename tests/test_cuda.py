@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import random_input, tiny_model
-from hnae_bench import perf_measure
+from hnae_bench import perf_measure, perf_models
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -76,7 +76,7 @@ def test_cuda_perf_measures_memory_and_flops():
         block = torch.empty(64 * 2 ** 20, dtype=torch.uint8, device="cuda")   # 64 MiB
     del block
     assert 64 * 2 ** 20 <= memory["delta"] < 80 * 2 ** 20 and "cuda" in memory["method"]
-    model = perf_measure.build_perf_model("hnae", "small", 8, 256).cuda()
+    model = perf_models.build_perf_model("hnae", "small", 8, 256).cuda()
     counted = perf_measure.count_flops(model, torch.randn(2, 256, 8, device="cuda"), "cuda", "bf16")
     assert counted["training"] > counted["forward"] > 0
     assert any("attention" in op or "bmm" in op for op in counted["by_op"])   # attention is counted, fused or not

@@ -137,9 +137,11 @@ def test_hnae_windows_cover_max_len():
     assert hnae_windows(40_000, 32) == (32, 32, 32, 32)
     assert hnae_windows(64) == (8, 8)
     assert hnae_windows(65) == (8, 8, 8)
+    assert hnae_windows(1020, 8, 128) == (128, 8)
+    assert hnae_windows(5020, 8, 128) == (128, 8, 8)
     model = build_or_skip('hnae', make_task('copy', 1000))
     config = model.model_config
-    assert config['windows'] == [8, 8, 8, 8] and config['guaranteed_reach'] >= config['max_len'] == 1020
+    assert config['windows'] == [128, 8] and config['guaranteed_reach'] >= config['max_len'] == 1020
     assert config['receptive_field'] >= config['max_len']
 
 

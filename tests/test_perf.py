@@ -2,12 +2,15 @@
 (never dropped), the skip rules, and the targets' PASS / MISS arithmetic."""
 import json
 import multiprocessing
+import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
-from hnae_bench import perf, perf_isolation, perf_measure, perf_report
+from hnae_bench import perf, perf_isolation, perf_measure, perf_models, perf_targets
 from hnae_bench.peers import ModelUnavailable
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -41,7 +44,7 @@ def test_quick_profile_end_to_end(tmp_path):
             assert ratio == pytest.approx(summary["train_tokens_per_second"] / lstm)
             assert f"| {name} | {int(steps):,} | {results['models'][name]['config']['parameters']:,} | ok |" in text
     assert results["training"]["lstm"]["256"]["ratio_to_lstm"]["train_tokens_per_second"] == 1.0
-    assert set(results["streaming"]) == {"hnae", "lstm", perf_measure.REFERENCE_STEP_MODEL}
+    assert set(results["streaming"]) == {"hnae", "lstm", perf_models.REFERENCE_STEP_MODEL}
     for name, entry in results["streaming"].items():
         summary = entry["summary"]
         assert summary["positions"] == [100, 1000] and all(s > 0 for s in summary["latency_seconds"])
@@ -57,12 +60,12 @@ def test_quick_profile_end_to_end(tmp_path):
 
 def test_flop_counts_see_recurrent_gates_and_cpu_attention(monkeypatch):
     x = torch.randn(2, 64, 8)   # (B, T, C)
-    hnae_model = perf_measure.build_perf_model("hnae", "small", 8, 64)
+    hnae_model = perf_models.build_perf_model("hnae", "small", 8, 64)
     counted = perf_measure.count_flops(hnae_model, x, "cpu", "fp32")
     assert counted["training"] > counted["forward"] > 0
     assert counted["by_op"].get("aten._scaled_dot_product_flash_attention_for_cpu", 0) > 0
 
-    lstm_model = perf_measure.build_perf_model("lstm", "small", 8, 64)
+    lstm_model = perf_models.build_perf_model("lstm", "small", 8, 64)
     rnn = lstm_model.body.rnn
     gates = 2 * 2 * 64 * 4 * rnn.hidden_size * (rnn.input_size + rnn.hidden_size)   # 2 B T 4H (C + H), layer 1
     counted = perf_measure.count_flops(lstm_model, x, "cpu", "fp32")
@@ -78,14 +81,14 @@ def test_flop_counts_see_recurrent_gates_and_cpu_attention(monkeypatch):
 
 
 def test_model_forced_to_fail_is_reported(tmp_path, monkeypatch):
-    real = perf_measure.build_perf_model
+    real = perf_models.build_perf_model
 
     def failing(name, *args):
         if name == "hnae":
             raise RuntimeError("forced failure for the test")
         return real(name, *args)
 
-    monkeypatch.setattr(perf_measure, "build_perf_model", failing)
+    monkeypatch.setattr(perf_models, "build_perf_model", failing)
     code, results, text = run_json(tmp_path, "--profile", "quick", "--models", "hnae,lstm", "--seq-lens", "64",
                                    "--repeats", "1", "--no-stream")
     assert code == 0
@@ -136,6 +139,41 @@ def test_timeout_is_reported_and_longer_lengths_skipped(tmp_path):
     assert "| lstm | 64 |" in text and "timeout" in text
 
 
+def test_sigterm_mid_run_still_writes_the_report(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "hnae", "bench", "perf", "--profile", "quick", "--out", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:   # wait until measuring has begun
+        if line.startswith("round 1/"):
+            break
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    results = json.loads((out / "perf" / "perf.json").read_text())
+    assert results["interrupted"] is True and "interrupted" in (out / "perf" / "report.md").read_text()
+    statuses = [entry["status"] for by_length in results["training"].values() for entry in by_length.values()]
+    assert "pending" not in statuses and "not run: the run was interrupted" in statuses
+
+
+def test_recurrent_streaming_falls_back_to_fp32_where_cudnn_refuses_bf16(monkeypatch):
+    real = perf_measure._stream
+
+    def refusing(streamer, job, dtype, phase):
+        if dtype == "bf16":
+            raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.")
+        return real(streamer, job, dtype, phase)
+
+    monkeypatch.setattr(perf_measure, "_stream", refusing)
+    job = {"name": "lstm", "preset": "small", "input_size": 8, "max_len": 64, "device": "cpu", "dtype": "bf16",
+           "seed": 0, "positions": [16, 32], "steps": 3, "warmup_steps": 1, "stream_batch": 2}
+    phases = []
+    result = perf_measure.measure_streaming(job, lambda name, partial=None: phases.append(name))
+    assert result["precision"] == "fp32" and "CUDNN_STATUS_NOT_SUPPORTED" in result["autocast_error"]
+    assert "fp32 after a bf16 failure" in phases and len(result["latency_seconds"]) == 2
+    with pytest.raises(RuntimeError, match="CUDNN"):   # hnae is not retried: there it is a real failure
+        perf_measure.measure_streaming({**job, "name": "hnae"}, lambda name, partial=None: None)
+
+
 def test_predicted_slow_length_is_skipped_not_run():
     settings = {"max_seconds": 60.0, "prediction_margin": 1.5, "repeat_below": 15.0}
     entries = {"1024": {"status": "ok", "rounds": [{"train_seconds": [30.0, 31.0]}]},
@@ -161,7 +199,7 @@ def _synthetic(hnae_rate, lstm_rate, transformer, bytes_at_64k=105.0):
 
 
 def test_targets_say_pass_miss_and_bounds():
-    targets = perf_report.evaluate_targets(_synthetic(40_000, 80_000, {"status": "timeout"}))
+    targets = perf_targets.evaluate_targets(_synthetic(40_000, 80_000, {"status": "timeout"}))
     assert len(targets) == 9 and "x lstm" in targets[0]["target"] and "x tcn" in targets[1]["target"]
     lstm, tcn, transformer, longest, mfu, memory, latency = targets[:7]
     assert lstm["status"] == "MISS" and lstm["value"] == 0.5 and "short by 50%" in lstm["detail"]
@@ -171,11 +209,19 @@ def test_targets_say_pass_miss_and_bounds():
     assert longest["status"] == "PASS"
     assert memory["status"] == "PASS" and memory["value"] == pytest.approx(1.05)
     assert mfu["status"] == latency["status"] == "N/A" and mfu["value"] is None
-    again = perf_report.evaluate_targets(_synthetic(90_000, 80_000, {"status": "oom"}, bytes_at_64k=130.0))
+    again = perf_targets.evaluate_targets(_synthetic(90_000, 80_000, {"status": "oom"}, bytes_at_64k=130.0))
     assert again[0]["status"] == "PASS" and again[2]["status"] == "N/A" and "oom" in again[2]["detail"]
     assert again[5]["status"] == "MISS" and "over by 18%" in again[5]["detail"]   # 1.30 against 1.10
-    slow = perf_report.evaluate_targets(_synthetic(10_000, 80_000, {"status": "timeout"}))[2]
+    slow = perf_targets.evaluate_targets(_synthetic(10_000, 80_000, {"status": "timeout"}))[2]
     assert slow["status"] == "N/A" and "undecided" in slow["detail"]   # a bound under 10x decides nothing
+    stopped = _synthetic(40_000, 80_000, {"status": "timeout"})
+    stopped["training"]["hnae"]["4096"] = stopped["training"]["hnae"]["65536"] = {"status": "not run: interrupted"}
+    stopped = perf_targets.evaluate_targets(stopped)
+    assert stopped[0]["status"] == stopped[3]["status"] == "N/A"   # an interrupted run decides nothing there
+    failed = _synthetic(40_000, 80_000, {"status": "timeout"})
+    failed["training"]["hnae"]["4096"] = failed["training"]["hnae"]["65536"] = {"status": "oom"}
+    failed = perf_targets.evaluate_targets(failed)
+    assert failed[0]["status"] == failed[3]["status"] == "MISS"   # hnae itself failed: a miss
 
 
 def test_bad_arguments_are_refused(capsys):
