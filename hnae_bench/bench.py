@@ -124,7 +124,8 @@ def _positive(kind):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hnae bench", description="Race hnae against LSTM, GRU, TCN and a transformer on long-memory "
-        "tasks under one parameter and wall-clock budget; write a report with plots.",
+        "tasks under one parameter and wall-clock budget; write a report with plots. "
+        "`hnae bench perf --help`: the performance profile (throughput, memory, streaming).",
         epilog="profiles: " + "; ".join(f"{name}: {p.description}" for name, p in PROFILES.items()))
     parser.add_argument("--profile", choices=tuple(PROFILES), default="default")
     parser.add_argument("--models", type=_name_list(model_zoo.MODEL_NAMES), help="comma-separated subset")
