@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from hnae_bench import models as model_zoo
+from hnae_bench.arguments import increasing_lengths, name_list, positive
 from hnae_bench import plots, report
 from hnae_bench.gradient_paths import gradient_paths_of_race
 from hnae_bench.length_generalisation import evaluate_curve, length_generalisation_of_race
@@ -89,38 +90,6 @@ PROFILES = {
 
 # ---- command line --------------------------------------------------------------
 
-def _name_list(choices):
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(name.strip() for name in text.split(",") if name.strip())
-        unknown = [name for name in names if name not in choices]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"unknown {unknown or text!r}; choose from {', '.join(choices)}")
-        return names
-    return parse
-
-
-def _length_list(text: str) -> tuple[int, ...]:
-    try:
-        lengths = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seq-lens must be comma-separated integers, got {text!r}") from None
-    if not lengths or any(n < 1 for n in lengths) or any(b <= a for a, b in zip(lengths, lengths[1:])):
-        raise argparse.ArgumentTypeError(f"--seq-lens must be increasing positive integers, got {text!r}")
-    return lengths
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not value > 0:
-            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hnae bench", description="Race hnae against LSTM, GRU, TCN and a transformer on long-memory "
@@ -128,15 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
         "`hnae bench perf --help`: the performance profile (throughput, memory, streaming).",
         epilog="profiles: " + "; ".join(f"{name}: {p.description}" for name, p in PROFILES.items()))
     parser.add_argument("--profile", choices=tuple(PROFILES), default="default")
-    parser.add_argument("--models", type=_name_list(model_zoo.MODEL_NAMES), help="comma-separated subset")
-    parser.add_argument("--tasks", type=_name_list(TASK_NAMES), help="comma-separated subset")
-    parser.add_argument("--seq-lens", type=_length_list, help="the ladder, e.g. 50,100,200 (every task)")
-    parser.add_argument("--time-budget", type=_positive(float), help="seconds of training per model and task")
-    parser.add_argument("--steps", type=_positive(int), help="step budget per model and task (on top of the "
+    parser.add_argument("--models", type=name_list(model_zoo.MODEL_NAMES), help="comma-separated subset")
+    parser.add_argument("--tasks", type=name_list(TASK_NAMES), help="comma-separated subset")
+    parser.add_argument("--seq-lens", type=increasing_lengths, help="the ladder, e.g. 50,100,200 (every task)")
+    parser.add_argument("--time-budget", type=positive(float), help="seconds of training per model and task")
+    parser.add_argument("--steps", type=positive(int), help="step budget per model and task (on top of the "
                         "time budget)")
     parser.add_argument("--preset", choices=model_zoo.PRESETS, default="small", help="parameter budget")
-    parser.add_argument("--batch-size", type=_positive(int))
-    parser.add_argument("--lr", type=_positive(float))
+    parser.add_argument("--batch-size", type=positive(int))
+    parser.add_argument("--lr", type=positive(float))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available for "
                         "the full profile, else cpu)")

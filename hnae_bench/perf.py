@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from hnae_bench import perf_measure, perf_models, perf_report
+from hnae_bench.arguments import increasing_lengths, name_list, positive
 from hnae_bench.perf_isolation import forkserver_context, run_isolated
 from hnae_bench import models as model_zoo
 from hnae_bench.report import describe_machine
@@ -72,64 +73,34 @@ PROFILES = {
 
 # ---- command line ------------------------------------------------------------------------------
 
-def _int_list(text: str) -> tuple[int, ...]:
-    """'1024,4096' -> (1024, 4096); argparse names the option in its error."""
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        values = ()
-    if not values or any(v < 1 for v in values) or any(b <= a for a, b in zip(values, values[1:])):
-        raise argparse.ArgumentTypeError(f"must be increasing positive comma-separated integers, got {text!r}")
-    return values
-
-
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    if not names or any(name not in model_zoo.MODEL_NAMES for name in names):
-        raise argparse.ArgumentTypeError(f"unknown model in {text!r}; choose from {', '.join(model_zoo.MODEL_NAMES)}")
-    return names
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = 0
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be a positive {kind.__name__}, got {text!r}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hnae bench perf", description="Throughput, memory, FLOP utilisation and streaming latency of hnae "
         "against its peers, each also as a ratio to nn.LSTM; writes <run>/perf/report.md, perf.json and plots.",
         epilog="profiles: " + "; ".join(f"{name}: {p.description}" for name, p in PROFILES.items()))
     parser.add_argument("--profile", choices=tuple(PROFILES), default="default")
-    parser.add_argument("--models", type=_names, help="comma-separated subset of " + ",".join(model_zoo.MODEL_NAMES))
-    parser.add_argument("--seq-lens", type=_int_list, help="training lengths T, e.g. 1024,4096")
-    parser.add_argument("--batch-size", type=_positive(int))
-    parser.add_argument("--repeats", type=_positive(int), help="interleaved rounds")
-    parser.add_argument("--max-seconds", type=_positive(float), help="cap per timed call")
+    parser.add_argument("--models", type=name_list(model_zoo.MODEL_NAMES), help="comma-separated subset of " + ",".join(model_zoo.MODEL_NAMES))
+    parser.add_argument("--seq-lens", type=increasing_lengths, help="training lengths T, e.g. 1024,4096")
+    parser.add_argument("--batch-size", type=positive(int))
+    parser.add_argument("--repeats", type=positive(int), help="interleaved rounds")
+    parser.add_argument("--max-seconds", type=positive(float), help="cap per timed call")
     parser.add_argument("--preset", choices=model_zoo.PRESETS, help="parameter budget (default: the profile's)")
-    parser.add_argument("--stream-positions", type=_int_list,
+    parser.add_argument("--stream-positions", type=increasing_lengths,
                         help="stream positions of the batch-1 step latency, e.g. 1000,10000,100000")
-    parser.add_argument("--stream-steps", type=_positive(int), help="timed steps per position")
-    parser.add_argument("--stream-batch", type=_positive(int), help="batch of the streaming "
+    parser.add_argument("--stream-steps", type=positive(int), help="timed steps per position")
+    parser.add_argument("--stream-batch", type=positive(int), help="batch of the streaming "
                         "throughput")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming measurements")
-    parser.add_argument("--matmul-size", type=_positive(int), help="n of the n x n matmul peak "
+    parser.add_argument("--matmul-size", type=positive(int), help="n of the n x n matmul peak "
                         "(default: the profile's on the CPU, 8192 on CUDA)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1")
     parser.add_argument("--dtype", choices=tuple(perf_measure.DTYPES), default="fp32",
                         help="fp32, or bf16 autocast (forward under torch.autocast)")
-    parser.add_argument("--threads", type=_positive(int), help="torch threads in each measurement "
+    parser.add_argument("--threads", type=positive(int), help="torch threads in each measurement "
                         "(default: the profile's; torch's own default for the default profile)")
-    parser.add_argument("--input-size", type=_positive(int), default=32,
+    parser.add_argument("--input-size", type=positive(int), default=32,
                         help="float features per step of the random input")
-    parser.add_argument("--memory-limit-gb", type=_positive(float),
+    parser.add_argument("--memory-limit-gb", type=positive(float),
                         help="CPU memory one measurement may take (default: 80%% of the free memory)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="run directory; the perf section goes to <out>/perf (default: runs/<timestamp>)")
