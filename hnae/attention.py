@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import attend
-
+from .memory_levels import policy_levels
 from .pooling import AttentionPool
 from .rotary import PeriodicRotary
 from .reach import level_spans
 from .state import layer_state_shapes
+from .write_policy import WritePolicy
 
 
 def take_windows(stream: torch.Tensor, time_dim: int, stream_start: int, first, width: int) -> torch.Tensor:
@@ -69,7 +70,8 @@ class HierarchicalAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, windows: tuple[int, ...], summary_slots: int = 1,
-                 bias: bool = True, device=None, dtype=None) -> None:
+                 bias: bool = True, write_policy: tuple = (), thresholds: tuple = (), budgets: tuple = (),
+                 device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_heads = d_model, num_heads
@@ -94,6 +96,10 @@ class HierarchicalAttention(nn.Module):
         self.age_values = nn.ParameterList(
             nn.Parameter(torch.randn(num_heads, width, self.head_width, **factory) * 0.02)
             for width in self.windows[1:])
+        levels = len(self.windows) - 1
+        self.trace: list | None = None  # set to a list to record each level's write decisions
+        self.policy = WritePolicy(write_policy or ("all",) * levels, thresholds or (None,) * levels,
+                                  budgets or (None,) * levels, d_model, summary_slots, **factory)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return layer_state_shapes(self.windows, self.slots, self.num_heads, self.d_model)
@@ -163,7 +169,16 @@ class HierarchicalAttention(nn.Module):
         # Items of the level below as (B, H, n, P, E) streams; level 0: the inputs from block_start.
         item_keys = key_stream[:, :, w0:w0 + offset + length].unsqueeze(3)  # (B, H, n, 1, E)
         item_values = value_stream[:, :, w0:w0 + offset + length].unsqueeze(3)
-        for level in range(1, len(self.windows)):
+        if self.policy.active:  # data-dependent schedules: compacted streams per element
+            level_keys, level_values, level_masks, level_state = policy_levels(
+                self, item_keys.squeeze(3), item_values.squeeze(3), state, block_start, block_index, end,
+                self.trace)
+            key_parts += level_keys
+            value_parts += level_values
+            mask_parts = [mask_parts[0].expand(batch, -1, -1, -1)] + [
+                m.unsqueeze(2).expand(-1, -1, w0, -1) for m in level_masks]  # (B, N, w0, S_l)
+            new_state.update(level_state)
+        for level in range(1, len(self.windows) if not self.policy.active else 1):
             below, level_width, span = self.windows[level - 1], self.windows[level], self.spans[level]
             complete = item_keys.shape[2] // below
             block_shape = (batch, heads, complete, below * item_keys.shape[3], width)
@@ -199,6 +214,10 @@ class HierarchicalAttention(nn.Module):
             carried = first_new % level_width
             item_keys = key_items[:, :, level_width - carried:]  # (B, H, n, K, E)
             item_values = value_items[:, :, level_width - carried:]
+        if len(self.windows) > 1 and not self.policy.active:  # every candidate written, on schedule
+            new_state["written"] = torch.stack([torch.as_tensor(end // span, device=device).expand(batch)
+                                                for span in self.spans[1:]], dim=1)  # (B, L-1)
+            new_state["skipped"] = state["skipped"]
 
         rows = slice(0, w0)
         if num_blocks == 1:  # a chunk inside one block: only its own rows and the keys they can see
@@ -207,13 +226,16 @@ class HierarchicalAttention(nn.Module):
             local_keys = torch.cat(key_parts[:2], dim=3)[:, :, :, first_key:w0 + offset + length]
             local_values = torch.cat(value_parts[:2], dim=3)[:, :, :, first_key:w0 + offset + length]
             key_parts[:2], value_parts[:2] = [local_keys], [local_values]
-            mask_parts[0] = mask_parts[0][:, :, first_key:w0 + offset + length]
+            mask_parts[0] = mask_parts[0][..., first_key:w0 + offset + length]
             query_blocks = query_blocks[:, :, rows]
         all_keys = torch.cat(key_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
         all_values = torch.cat(value_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
-        mask = torch.cat([m[:, rows] for m in mask_parts], dim=2).unsqueeze(0)  # (1, N, rows, S): 4-D keeps
-        attended = attend(query_blocks, all_keys, all_values,  # the fused CPU kernel
-                          mask)  # (B*H, N, rows, E)
+        mask = torch.cat([m[..., rows, :] for m in mask_parts], dim=-1)  # ([B,] N, rows, S)
+        if mask.dim() == 3:
+            mask = mask.unsqueeze(0)  # (1, N, rows, S): 4-D keeps the fused CPU kernel
+        else:
+            mask = mask.unsqueeze(1).expand(-1, heads, -1, -1, -1).flatten(0, 1)  # (B*H, N, rows, S)
+        attended = attend(query_blocks, all_keys, all_values, mask)  # (B*H, N, rows, E)
         if num_blocks > 1:
             attended = attended.reshape(batch, heads, num_blocks * w0, width)[:, :, offset:offset + length]
         attended = attended.reshape(batch, heads, length, width)
@@ -250,7 +272,7 @@ class HierarchicalAttention(nn.Module):
             scores.append(torch.matmul(queries, state[f"memory_keys_{level}"].transpose(-1, -2))
                           + torch.matmul(queries, age_keys.transpose(-1, -2)))  # (B, H, 1, w_l*K)
             memories.append((memory_values, age_values))
-            complete = torch.div(position, self.spans[level], rounding_mode="floor")  # (B,)
+            complete = state["written"][:, level - 1]  # (B,) items this level has written
             exists = complete.view(batch, 1) - level_width + torch.arange(level_width, device=x.device) >= 0
             masks.append(exists.repeat_interleave(slots, dim=1))  # (B, w_l*K)
         mask = torch.cat(masks, dim=1).view(batch, 1, 1, -1)  # (B, 1, 1, S)
@@ -262,23 +284,34 @@ class HierarchicalAttention(nn.Module):
         output = self.output(attended.transpose(1, 2).reshape(batch, d_model))  # (B, D)
 
         new_state = {"local_keys": local_keys, "local_values": local_values}
-        consumed = position + 1
+        candidate = (position + 1) % w0 == 0  # (B,): a level-0 block completes, a level-1 candidate
         item_keys, item_values = local_keys.unsqueeze(3), local_values.unsqueeze(3)  # (B, H, w, P, E)
+        written, skipped = [], []
         for level in range(1, len(self.windows)):
             level_width = self.windows[level]
             memory_shape = (batch, heads, level_width, slots, width)
             memory_keys = state[f"memory_keys_{level}"].view(memory_shape)
             memory_values = state[f"memory_values_{level}"].view(memory_shape)
-            completes = consumed % self.spans[level] == 0  # (B,)
-            if branch_free or bool(completes.any()):
+            had = state["written"][:, level - 1]  # (B,)
+            write = candidate
+            if branch_free or bool(candidate.any()):
                 block_shape = (batch, heads, 1, item_keys.shape[2] * item_keys.shape[3], width)
                 new_keys, new_values = self.summarise(level, item_keys.reshape(block_shape),
                                                       item_values.reshape(block_shape))  # (B, H, 1, K, E)
-                chosen = completes.view(batch, 1, 1, 1, 1)
+                write, new_values = self.policy.decide(level, new_values, candidate.unsqueeze(1),
+                                                       memory_values[:, :, -1], had > 0)
+                write = write.squeeze(1)  # (B,)
+                chosen = write.view(batch, 1, 1, 1, 1)
                 memory_keys = torch.where(chosen, torch.cat([memory_keys[:, :, 1:], new_keys], 2), memory_keys)
                 memory_values = torch.where(chosen, torch.cat([memory_values[:, :, 1:], new_values], 2),
                                             memory_values)
             new_state[f"memory_keys_{level}"] = memory_keys.reshape(batch, heads, level_width * slots, width)
             new_state[f"memory_values_{level}"] = memory_values.reshape(batch, heads, level_width * slots, width)
+            written.append(had + write.long())
+            skipped.append(state["skipped"][:, level - 1] + (candidate & ~write).long())
+            # The next level's candidate: this level's window when its written count fills a block.
+            candidate = write & (written[-1] % level_width == 0)
             item_keys, item_values = memory_keys, memory_values  # the newest w_l items: a block when complete
+        if written:
+            new_state["written"], new_state["skipped"] = torch.stack(written, 1), torch.stack(skipped, 1)
         return output, new_state

@@ -25,6 +25,7 @@ class HNAEBlock(nn.Module):
 
     def __init__(self, in_features: int, hidden_size: int, num_heads: int, windows: tuple[int, ...],
                  summary_slots: int, ffn_width: int, proj_size: int = 0, bias: bool = True,
+                 write_policy: tuple = (), thresholds: tuple = (), budgets: tuple = (),
                  device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -34,7 +35,8 @@ class HNAEBlock(nn.Module):
         self.place_embedding = nn.Parameter(torch.randn(windows[0], hidden_size, **factory) * 0.02)
         self.norm_attention = nn.LayerNorm(hidden_size, **factory)
         self.attention = HierarchicalAttention(hidden_size, num_heads, windows, summary_slots, bias=bias,
-                                               **factory)
+                                               write_policy=write_policy, thresholds=thresholds,
+                                               budgets=budgets, **factory)
         self.norm_feed_forward = nn.LayerNorm(hidden_size, **factory)
         self.feed_forward = nn.Sequential(
             nn.Linear(hidden_size, ffn_width, bias=bias, **factory),

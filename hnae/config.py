@@ -10,6 +10,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .write_policy import normalise_policy
+
 
 def _require_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -35,6 +37,9 @@ class HNAEConfig:
         each summarising ``w_0 * ... * w_{l-1}`` inputs.
     summary_slots: vectors per summary (``K``): learned queries that pool a block.
     ffn_multiplier: width of the feed-forward layer as a multiple of hidden_size.
+    write_policy, threshold, budget: which summaries each level ``l >= 1`` writes into
+        its memory (see ``hnae.write_policy``); one value for every summary level or a
+        tuple of ``len(windows) - 1``. Normalised to tuples.
     """
 
     input_size: int
@@ -49,6 +54,9 @@ class HNAEConfig:
     num_heads: int | None = None
     summary_slots: int = 1
     ffn_multiplier: float = 2.0
+    write_policy: str | tuple[str, ...] = "all"
+    threshold: float | tuple[float, ...] | None = None
+    budget: float | tuple[float, ...] | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +94,9 @@ class HNAEConfig:
         object.__setattr__(self, "num_heads", heads)
         if not isinstance(self.ffn_multiplier, (int, float)) or self.ffn_multiplier <= 0:
             raise ValueError(f"ffn_multiplier must be a positive number, got {self.ffn_multiplier!r}")
+        for name, value in zip(("write_policy", "threshold", "budget"),
+                               normalise_policy(self.write_policy, self.threshold, self.budget, len(windows))):
+            object.__setattr__(self, name, value)
         if self.extra:
             raise ValueError(f"unknown options: {sorted(self.extra)}")
 
@@ -112,12 +123,14 @@ class HNAEConfig:
 
     def state_signature(self) -> tuple:
         """What a streaming state must agree on to be continued by this model."""
-        return (self.num_layers, self.hidden_size, self.num_heads, self.windows, self.summary_slots)
+        return (self.num_layers, self.hidden_size, self.num_heads, self.windows, self.summary_slots,
+                self.write_policy, self.threshold)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data.pop("extra")
-        data["windows"] = list(self.windows)
+        for name in ("windows", "write_policy", "threshold", "budget"):
+            data[name] = list(data[name])
         return data
 
     @classmethod
@@ -129,6 +142,7 @@ class HNAEConfig:
         if unknown:
             raise ValueError(f"unknown config keys: {unknown}; known keys are {sorted(known)}")
         values = dict(data)
-        if isinstance(values.get("windows"), list):
-            values["windows"] = tuple(values["windows"])
+        for name in ("windows", "write_policy", "threshold", "budget"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
         return cls(**values)

@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .block import HNAEBlock
 from .config import HNAEConfig
 from .reach import first_visible_stack, receptive_field
-from .state import HNAEState
+from .state import HNAEState, fresh_layer_state
 from .validation import check_input, check_lengths, check_state
 
 
@@ -31,7 +31,9 @@ class HNAE(nn.Module):
     Keyword-only: windows (per-level window sizes, default (100, 100): one
         layer sees at least 10,000 past steps), num_heads (default: the most
         of 8/4/2/1 leaving 16-wide heads), summary_slots (vectors per block
-        summary), ffn_multiplier (feed-forward width / hidden_size).
+        summary), ffn_multiplier (feed-forward width / hidden_size),
+        write_policy / threshold / budget (which summaries each level stores:
+        "all", "novelty" or "learned"; see ``hnae.write_policy``).
 
     forward(input, state=None, lengths=None) -> (output, state). Output
     features: ``(proj_size or hidden_size) * num_directions``. Padded steps
@@ -42,22 +44,25 @@ class HNAE(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, windows=(100, 100), num_heads=None,
-                 summary_slots: int = 1, ffn_multiplier: float = 2.0) -> None:
+                 summary_slots: int = 1, ffn_multiplier: float = 2.0, write_policy="all", threshold=None,
+                 budget=None) -> None:
         super().__init__()
         self.config = HNAEConfig(
             input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, bias=bias,
             batch_first=batch_first, dropout=dropout, bidirectional=bidirectional, proj_size=proj_size,
-            windows=windows, num_heads=num_heads, summary_slots=summary_slots, ffn_multiplier=ffn_multiplier)
+            windows=windows, num_heads=num_heads, summary_slots=summary_slots, ffn_multiplier=ffn_multiplier,
+            write_policy=write_policy, threshold=threshold, budget=budget)
         config = self.config
         for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
-                     "bidirectional", "proj_size", "windows", "num_heads", "summary_slots"):
+                     "bidirectional", "proj_size", "windows", "num_heads", "summary_slots", "write_policy",
+                     "threshold", "budget"):
             setattr(self, name, getattr(config, name))
         per_direction = proj_size or hidden_size
         self.layers = nn.ModuleList(
             nn.ModuleList(
                 HNAEBlock(input_size if index == 0 else per_direction * config.num_directions, hidden_size,
                           config.num_heads, config.windows, summary_slots, config.ffn_width, proj_size, bias,
-                          device=device, dtype=dtype)
+                          config.write_policy, config.threshold, config.budget, device=device, dtype=dtype)
                 for _ in range(config.num_directions))
             for index in range(num_layers))
         self.between_layers = nn.Dropout(float(dropout))
@@ -85,12 +90,17 @@ class HNAE(nn.Module):
         reference = next(self.parameters())
         device = reference.device if device is None else device
         dtype = reference.dtype if dtype is None else dtype
-        layers = [
-            {name: torch.zeros(batch_size, *shape, device=device, dtype=dtype)
-             for name, shape in directions[0].attention.state_shapes().items()}
-            for directions in self.layers]
+        layers = [fresh_layer_state(directions[0].attention.state_shapes(), batch_size, device, dtype)
+                  for directions in self.layers]
         position = torch.zeros(batch_size, dtype=torch.int64, device=device)
         return HNAEState(position, layers, self.config.state_signature())
+
+    def write_penalty(self) -> torch.Tensor:
+        """The learned write policies' cost of writing beyond their budgets in the last training
+        forward (0 without any): add it, weighted, to the loss."""
+        terms = [term for directions in self.layers for block in directions
+                 if (term := block.attention.policy.penalty()) is not None]
+        return sum(terms) if terms else torch.zeros((), device=next(self.parameters()).device)
 
     def flatten_parameters(self) -> None:
         """No-op, for code written for nn.LSTM."""
@@ -225,8 +235,7 @@ class HNAE(nn.Module):
         return hidden
 
     def _fresh_layer_states(self, batch: int, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        return [{name: x.new_zeros(batch, *shape)
-                 for name, shape in directions[0].attention.state_shapes().items()}
+        return [fresh_layer_state(directions[0].attention.state_shapes(), batch, x.device, x.dtype)
                 for directions in self.layers]
 
     def _format_output(self, output, input, packed, unbatched, lengths):

@@ -10,7 +10,10 @@ width, ``D`` model width), named ``layer{i}.<field>``:
 - ``local_keys``, ``local_values`` (B, H, w_0, E): keys and values of the last
   ``w_0`` inputs, oldest first (zeros before the start of the stream).
 - ``memory_keys_{l}``, ``memory_values_{l}`` (B, H, w_l * K, E), ``l >= 1``:
-  keys and values of the last ``w_l`` level-``l`` summaries, oldest first.
+  keys and values of the last ``w_l`` level-``l`` summaries written, oldest first.
+- ``written``, ``skipped`` (B, L - 1) int64: per summary level, how many
+  items it has written and how many candidates its write policy skipped
+  (see ``hnae.write_policy``; under ``"all"`` nothing is skipped).
 
 Local keys are stored with their rotary phase applied (it is exact and
 periodic: see ``hnae.rotary``). The items of a block still being filled are
@@ -41,7 +44,20 @@ def layer_state_shapes(windows: tuple[int, ...], slots: int, num_heads: int,
     for level in range(1, len(windows)):
         shapes[f"memory_keys_{level}"] = (num_heads, windows[level] * slots, head_width)
         shapes[f"memory_values_{level}"] = (num_heads, windows[level] * slots, head_width)
+    if len(windows) > 1:
+        shapes["written"] = (len(windows) - 1,)  # int64: items each summary level has written
+        shapes["skipped"] = (len(windows) - 1,)  # int64: candidates its write policy skipped
     return shapes
+
+
+COUNTERS = ("written", "skipped")
+
+
+def fresh_layer_state(shapes: dict[str, tuple[int, ...]], batch_size: int, device, dtype) -> dict:
+    """An all-zero layer state: floating tensors in ``dtype``, counters in int64."""
+    return {name: torch.zeros(batch_size, *shape, device=device,
+                              dtype=torch.int64 if name in COUNTERS else dtype)
+            for name, shape in shapes.items()}
 
 
 @dataclass

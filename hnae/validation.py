@@ -60,7 +60,7 @@ def check_state(state, config: HNAEConfig, batch: int, device: torch.device) -> 
         raise TypeError(f"state must be an HNAEState (returned by the model) or None, got {type(state).__name__}")
     if state.signature != config.state_signature():
         raise ValueError(f"state belongs to another model configuration: {state.signature} "
-                         f"(num_layers, hidden_size, num_heads, windows, summary_slots), "
+                         f"(num_layers, hidden_size, num_heads, windows, summary_slots, write_policy, threshold), "
                          f"expected {config.state_signature()}")
     if state.batch_size != batch:
         raise ValueError(f"state has batch size {state.batch_size}, but the input has batch size {batch}")

@@ -43,7 +43,8 @@ def matmul_flops_per_step(config) -> int:
 def state_bytes_per_stream(config) -> int:
     w, head_width = config.windows, config.hidden_size // config.num_heads
     floats = 2 * config.num_heads * head_width * (w[0] + sum(width * config.summary_slots for width in w[1:]))
-    return 8 + config.num_layers * floats * 4  # int64 position + float32 keys and values
+    counters = 2 * (len(w) - 1) * 8  # int64 written and skipped per summary level
+    return 8 + config.num_layers * (floats * 4 + counters)  # int64 position + float32 keys and values
 
 
 @pytest.fixture(scope="module")

@@ -149,7 +149,7 @@ def test_missing_key_and_format_version_are_refused(saved):
                                              ([4, 4, 4], "missing tensors")])
 def test_changed_windows_that_weights_do_not_fit_are_refused(saved, windows, tensor):
     _, directory = saved
-    edit_config(directory, lambda data: data.update(windows=windows))
+    edit_config(directory, lambda data: data.update(windows=windows, write_policy="all", threshold=None, budget=None))
     expect_error(directory, WEIGHTS_FILE, str(directory / CONFIG_FILE), tensor)
 
 

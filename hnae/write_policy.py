@@ -1,0 +1,166 @@
+"""Memory write policies: which summaries a level writes into its memory.
+
+Level ``l >= 1`` of a layer makes a *candidate* item each time a block of the
+level below completes (a summary: ``K`` slot vectors per head). The policy of
+level ``l`` decides whether the candidate is written into that level's memory
+window. Windows count *written* items, and a block of the next level is ``w_l``
+written items, so every skipped item stretches the reach in time.
+
+Policies (one per summary level; level 0, the local window, keeps every input):
+
+- ``"all"``: write every candidate (the default).
+- ``"novelty"``: skip a candidate whose cosine similarity to the last item this
+  level wrote is at or above ``threshold``. Comparing with the last *written*
+  item (not the previous candidate) means a slow drift is written once it has
+  drifted far enough, and a small change on a near-identical vector is written
+  when its similarity falls below the threshold: choose the threshold above
+  the similarity of the smallest change that matters. Two identical vectors
+  (zeros included) have similarity 1; a zero vector and any other have 0. The
+  first item of a level is always written.
+- ``"learned"``: a linear gate scores the candidate; it is written when the
+  gate ``g = sigmoid(score)`` is at least 1/2, and its values are stored scaled
+  by ``g``, so the task loss trains the gate through how much attention uses
+  the item. ``HNAE.write_penalty()`` adds the cost of writing more than
+  ``budget`` (the fraction of candidates written, straight-through).
+
+The similarity and the gate read the candidate's values (all heads and slots),
+which is what the memory stores, so streaming holds the last written item at
+no extra cost. Decisions are hard: parallel and streaming runs agree exactly
+unless a similarity or gate lies within rounding error of its threshold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+POLICIES = ("all", "novelty", "learned")
+DEFAULT_THRESHOLD = 0.95
+DEFAULT_BUDGET = 0.2
+
+
+def _per_level(name: str, value, levels: int) -> tuple:
+    if isinstance(value, (tuple, list)):
+        if len(value) != levels:
+            raise ValueError(f"{name}: a tuple needs one entry per summary level ({levels}: "
+                             f"len(windows) - 1), got {len(value)}")
+        return tuple(value)
+    return (value,) * levels
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def normalise_policy(write_policy, threshold, budget, num_levels: int):
+    """Validated per-summary-level tuples (policies, thresholds, budgets).
+
+    Thresholds and budgets of levels that do not use them are None.
+    """
+    levels = num_levels - 1
+    policies = _per_level("write_policy", write_policy, levels)
+    for policy in policies:
+        if policy not in POLICIES:
+            raise ValueError(f"write_policy must be one of {POLICIES}, got {policy!r}")
+    if levels == 0 and write_policy not in ("all", ()):
+        raise ValueError("write_policy: a single-level hierarchy has no summary levels to apply it to; "
+                         "give windows at least two levels")
+    thresholds = _per_level("threshold", threshold, levels)
+    budgets = _per_level("budget", budget, levels)
+    out_thresholds, out_budgets = [], []
+    for policy, level_threshold, level_budget in zip(policies, thresholds, budgets):
+        if policy == "novelty":
+            level_threshold = DEFAULT_THRESHOLD if level_threshold is None else _number("threshold", level_threshold)
+            if not -1.0 <= level_threshold <= 1.0:
+                raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {level_threshold}")
+        else:
+            level_threshold = None
+        if policy == "learned":
+            level_budget = DEFAULT_BUDGET if level_budget is None else _number("budget", level_budget)
+            if not 0.0 < level_budget <= 1.0:
+                raise ValueError(f"budget must be a fraction in (0, 1], got {level_budget}")
+        else:
+            level_budget = None
+        out_thresholds.append(level_threshold)
+        out_budgets.append(level_budget)
+    return policies, tuple(out_thresholds), tuple(out_budgets)
+
+
+def cosine_similarity(items: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """(B, F), (B, F) -> (B,): 1 for identical vectors, 0 if exactly one of them is zero."""
+    dot = (items * last).sum(-1)
+    norms = items.norm(dim=-1) * last.norm(dim=-1)
+    similarity = (dot / norms.clamp_min(torch.finfo(items.dtype).tiny)).clamp(-1.0, 1.0)
+    return torch.where((items == last).all(-1), torch.ones_like(similarity), similarity)
+
+
+class WritePolicy(nn.Module):
+    """The write decisions of one layer's summary levels (index ``l - 1`` for level ``l``).
+
+    ``decide(level, values, valid, last, has_last)``: candidate values
+    (B, H, M, K, E) in time order, valid (B, M), the level's last written values
+    (B, H, K, E) and whether it has one (B,). Returns write (B, M) bool and the
+    values to store (scaled by the gate under ``"learned"``).
+    """
+
+    def __init__(self, policies: tuple[str, ...], thresholds: tuple, budgets: tuple, d_model: int,
+                 slots: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.policies, self.thresholds, self.budgets = tuple(policies), tuple(thresholds), tuple(budgets)
+        self.gates = nn.ModuleDict({
+            str(level + 1): nn.Linear(slots * d_model, 1, device=device, dtype=dtype)
+            for level, policy in enumerate(self.policies) if policy == "learned"})
+        for gate in self.gates.values():
+            nn.init.normal_(gate.weight, std=0.02)
+            nn.init.constant_(gate.bias, 2.0)  # start by writing everything (g = 0.88)
+        self.last_fractions: dict[int, torch.Tensor] = {}  # level -> straight-through written fraction
+
+    @property
+    def active(self) -> bool:
+        """Whether any level skips anything (else the layer takes its fixed-block path)."""
+        return any(policy != "all" for policy in self.policies)
+
+    def decide(self, level: int, values: torch.Tensor, valid: torch.Tensor, last: torch.Tensor,
+               has_last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        policy = self.policies[level - 1]
+        batch, heads, count, slots, width = values.shape
+        flat = values.permute(0, 2, 1, 3, 4).reshape(batch, count, heads * slots * width)  # (B, M, F)
+        if policy == "all":
+            return valid, values
+        if policy == "novelty":
+            return self._novelty(flat, valid, last.reshape(batch, -1), has_last, self.thresholds[level - 1]), values
+        gate = torch.sigmoid(self.gates[str(level)](
+            flat.view(batch, count, slots, heads * width).flatten(2)).squeeze(-1))  # (B, M)
+        write = valid & (gate >= 0.5)
+        if self.training and bool(valid.any()):
+            hard = write.to(gate.dtype)
+            straight = hard + gate - gate.detach()  # value: written or not; gradient: the gate's
+            self.last_fractions[level] = straight[valid].mean()
+        return write, values * gate.view(batch, 1, count, 1, 1)
+
+    @staticmethod
+    def _novelty(flat: torch.Tensor, valid: torch.Tensor, last: torch.Tensor, has_last: torch.Tensor,
+                 threshold: float) -> torch.Tensor:
+        """Sequential over the M candidates (each compares with the last one written)."""
+        writes = []
+        with torch.no_grad():
+            for index in range(flat.shape[1]):
+                item = flat[:, index]  # (B, F)
+                novel = ~has_last | (cosine_similarity(item, last) < threshold)
+                write = valid[:, index] & novel  # (B,)
+                last = torch.where(write.unsqueeze(1), item, last)
+                has_last = has_last | write
+                writes.append(write)
+        if not writes:
+            return valid
+        return torch.stack(writes, dim=1)  # (B, M)
+
+    def penalty(self) -> torch.Tensor | None:
+        """Sum over learned levels of max(0, written fraction - budget) from the last training forward."""
+        terms = [torch.relu(fraction - self.budgets[level - 1]) for level, fraction in self.last_fractions.items()]
+        self.last_fractions = {}
+        return sum(terms) if terms else None
