@@ -8,6 +8,8 @@ Public pieces:
     HierarchicalAttention the attention of one layer over windows and block summaries
     AttentionPool         the summary of one block
     receptive_field, first_visible   exact reach of a stack
+    WritePolicy           which summaries each level writes ("all", "novelty", "learned")
+    trace_memory          what one sequence's memory kept, and where a step's attention went
 """
 
 from .attention import HierarchicalAttention
@@ -16,8 +18,10 @@ from .config import HNAEConfig
 from .model import HNAE
 from .pooling import AttentionPool
 from .reach import first_visible, first_visible_stack, receptive_field
+from .inspect import trace_memory
 from .state import HNAEState
+from .write_policy import WritePolicy
 
 __all__ = ["HNAE", "HNAEState", "HNAEConfig", "HNAEBlock", "HierarchicalAttention", "AttentionPool",
-           "receptive_field", "first_visible", "first_visible_stack"]
+           "receptive_field", "first_visible", "first_visible_stack", "WritePolicy", "trace_memory"]
 __version__ = "0.1.0"

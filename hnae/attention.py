@@ -169,7 +169,8 @@ class HierarchicalAttention(nn.Module):
         # Items of the level below as (B, H, n, P, E) streams; level 0: the inputs from block_start.
         item_keys = key_stream[:, :, w0:w0 + offset + length].unsqueeze(3)  # (B, H, n, 1, E)
         item_values = value_stream[:, :, w0:w0 + offset + length].unsqueeze(3)
-        if self.policy.active:  # data-dependent schedules: compacted streams per element
+        compacted = self.policy.active or self.trace is not None
+        if compacted:  # data-dependent schedules (or a trace): compacted streams per element
             level_keys, level_values, level_masks, level_state = policy_levels(
                 self, item_keys.squeeze(3), item_values.squeeze(3), state, block_start, block_index, end,
                 self.trace)
@@ -178,7 +179,7 @@ class HierarchicalAttention(nn.Module):
             mask_parts = [mask_parts[0].expand(batch, -1, -1, -1)] + [
                 m.unsqueeze(2).expand(-1, -1, w0, -1) for m in level_masks]  # (B, N, w0, S_l)
             new_state.update(level_state)
-        for level in range(1, len(self.windows) if not self.policy.active else 1):
+        for level in range(1, len(self.windows) if not compacted else 1):
             below, level_width, span = self.windows[level - 1], self.windows[level], self.spans[level]
             complete = item_keys.shape[2] // below
             block_shape = (batch, heads, complete, below * item_keys.shape[3], width)
@@ -214,7 +215,7 @@ class HierarchicalAttention(nn.Module):
             carried = first_new % level_width
             item_keys = key_items[:, :, level_width - carried:]  # (B, H, n, K, E)
             item_values = value_items[:, :, level_width - carried:]
-        if len(self.windows) > 1 and not self.policy.active:  # every candidate written, on schedule
+        if len(self.windows) > 1 and not compacted:  # every candidate written, on schedule
             new_state["written"] = torch.stack([torch.as_tensor(end // span, device=device).expand(batch)
                                                 for span in self.spans[1:]], dim=1)  # (B, L-1)
             new_state["skipped"] = state["skipped"]
@@ -278,6 +279,8 @@ class HierarchicalAttention(nn.Module):
         mask = torch.cat(masks, dim=1).view(batch, 1, 1, -1)  # (B, 1, 1, S)
         weights = (torch.cat(scores, dim=-1) * width ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
         weights = weights.split([w0] + [v.shape[2] for v, _ in memories], dim=-1)
+        if self.trace is not None:  # where this step's attention went: (B, H, w0) and (B, H, w_l*K) per level
+            self.trace.append({"attention": [part.squeeze(2).detach() for part in weights]})
         attended = torch.matmul(weights[0], local_values)  # (B, H, 1, E)
         for part, (memory_values, age_values) in zip(weights[1:], memories):
             attended = attended + torch.matmul(part, memory_values) + torch.matmul(part, age_values)

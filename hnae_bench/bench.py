@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hnae bench", description="Race hnae against LSTM, GRU, TCN and a transformer on long-memory "
         "tasks under one parameter and wall-clock budget; write a report with plots. "
-        "`hnae bench perf --help`: the performance profile (throughput, memory, streaming).",
+        "`hnae bench perf --help`: the performance profile (throughput, memory, streaming); "
+        "`hnae bench memory --help`: the write policies' benchmark.",
         epilog="profiles: " + "; ".join(f"{name}: {p.description}" for name, p in PROFILES.items()))
     parser.add_argument("--profile", choices=tuple(PROFILES), default="default")
     parser.add_argument("--models", type=name_list(model_zoo.MODEL_NAMES), help="comma-separated subset")
@@ -258,6 +259,9 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "perf":  # `hnae bench perf`: the performance profile has its own options
         from .perf import main as perf_main
         return perf_main(argv[1:])
+    if argv and argv[0] == "memory":  # `hnae bench memory`: write policies on their own tasks
+        from .memory_bench import main as memory_main
+        return memory_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         settings = resolve_settings(args)

@@ -287,9 +287,16 @@ class AssociativeRecallTask(ClassificationTask):
         return F.one_hot(tokens, self.input_size).float(), targets                              # (B, T, C), (B, Q)
 
 
-_TASKS = {task.name: task for task in (CopyTask, AddingTask, SelectiveCopyTask, AssociativeRecallTask)}
+def _all_tasks() -> dict:
+    from hnae_bench.memory_tasks import RedundantStreamTask, SparseSignalTask  # they build on this module
+    return {task.name: task for task in (CopyTask, AddingTask, SelectiveCopyTask, AssociativeRecallTask,
+                                         RedundantStreamTask, SparseSignalTask)}
+
+
+_TASKS = _all_tasks()
 TASK_NAMES: tuple[str, ...] = tuple(_TASKS)
-DEFAULT_SEQ_LENS = {'copy': 1000, 'adding': 600, 'selective_copy': 4096, 'associative_recall': 1024}
+DEFAULT_SEQ_LENS = {'copy': 1000, 'adding': 600, 'selective_copy': 4096, 'associative_recall': 1024,
+                    'redundant_stream': 200, 'sparse_signal': 160}
 
 
 def make_task(name: str, seq_len: int, **options) -> Task:

@@ -1,0 +1,110 @@
+"""The report of ``hnae bench memory``: tables per task, verdicts against the targets, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+COLOURS = {"all": "#7f7f7f", "novelty": "#1f77b4", "learned": "#d62728"}
+
+
+def _runs(section: dict, policy: str) -> list[dict]:
+    return [run for run in section["runs"] if run["policy"] == policy and "skipped" not in run]
+
+
+def plot_task(task_name: str, section: dict, path: Path) -> Path:
+    """Accuracy (left) and written fraction (right) against length, one line per policy."""
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    accuracy_axes, written_axes = figure.subplots(1, 2)
+    for policy in dict.fromkeys(run["policy"] for run in section["runs"]):
+        runs = _runs(section, policy)
+        lengths = [run["seq_len"] for run in runs]
+        accuracy_axes.plot(lengths, [run["accuracy"] for run in runs], "o-", label=policy,
+                           color=COLOURS.get(policy))
+        written_axes.plot(lengths, [run["written_fraction"][0] for run in runs], "o-", label=policy,
+                          color=COLOURS.get(policy))
+    label = "distance (frames)" if task_name == "redundant_stream" else "stream length"
+    accuracy_axes.set(xlabel=label, ylabel="query accuracy", title=f"{task_name}: accuracy", ylim=(0, 1.05))
+    accuracy_axes.axhline(0.99, color="black", linewidth=0.5, linestyle="--")
+    written_axes.set(xlabel=label, ylabel="fraction of candidates written (level 1)",
+                     title=f"{task_name}: items written", ylim=(0, 1.05))
+    for axes in (accuracy_axes, written_axes):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def verdicts(results: dict) -> list[str]:
+    """The issue's targets, checked against what ran (missing runs say so)."""
+    lines = []
+    stream = results["tasks"].get("redundant_stream")
+    if stream:
+        furthest = stream["furthest_solved"]
+        novelty, everything = _runs(stream, "novelty"), _runs(stream, "all")
+        if novelty and everything:
+            fractions = [n["written_fraction"][0] / max(a["written_fraction"][0], 1e-9)
+                         for n, a in zip(novelty, everything)]
+            lines.append(f"- redundant_stream: novelty writes {max(fractions):.1%} of what all writes at most "
+                         f"(target <= 15%): {'PASS' if max(fractions) <= 0.15 else 'MISS'}")
+            both = [(n, a) for n, a in zip(novelty, everything) if a["solved"]]
+            gap = max((a["accuracy"] - n["accuracy"] for n, a in both), default=None)
+            if gap is not None:
+                lines.append(f"- redundant_stream: where all solves, novelty's accuracy is at most {gap:.1%} "
+                             f"lower (target <= 1 point): {'PASS' if gap <= 0.01 else 'MISS'}")
+            far_all, far_novelty = furthest.get("all"), furthest.get("novelty")
+            if far_all and far_novelty:
+                ratio = far_novelty / far_all
+                lines.append(f"- redundant_stream: furthest distance solved: novelty {far_novelty}, all {far_all} "
+                             f"({ratio:.1f}x; target >= 5x): {'PASS' if ratio >= 5 else 'MISS'}")
+            else:
+                lines.append(f"- redundant_stream: furthest distance solved: novelty {far_novelty}, all {far_all}")
+    sparse = results["tasks"].get("sparse_signal")
+    if sparse:
+        for learned, everything in zip(_runs(sparse, "learned"), _runs(sparse, "all")):
+            written = learned["written_fraction"][0]
+            better = learned["accuracy"] >= everything["accuracy"]
+            lines.append(f"- sparse_signal (length {learned['seq_len']}): learned writes {written:.1%} "
+                         f"(target <= 20%) with accuracy {learned['accuracy']:.3f} vs all's "
+                         f"{everything['accuracy']:.3f}: {'PASS' if written <= 0.2 and better else 'MISS'}")
+    sizes = {run["policy"]: run["state_bytes_per_stream"] for section in results["tasks"].values()
+             for run in section["runs"] if "skipped" not in run}
+    if "all" in sizes:
+        larger = [policy for policy, size in sizes.items() if size > sizes["all"]]
+        lines.append(f"- streaming state per stream: {', '.join(f'{p} {s:,} B' for p, s in sizes.items())}: "
+                     f"{'PASS' if not larger else 'MISS (' + ', '.join(larger) + ' larger)'}")
+    return lines
+
+
+def write_report(results: dict, out_dir: Path) -> Path:
+    settings = results["settings"]
+    lines = ["# hnae bench memory", "", f"Command: `{results['command']}`", "",
+             f"Machine: {results['machine']}", "",
+             f"Model: one HNAE layer, width {settings['width']}, windows (1, {settings['window']}) "
+             f"(every input is a level-1 candidate; the memory holds {settings['window']} written items), "
+             f"2 heads; Adam, batch {settings['batch']}, up to {settings['seconds']:g} s per run; "
+             f"novelty threshold {settings['threshold']}, learned budget {settings['budget']}.", "",
+             "## Targets", "", *verdicts(results), ""]
+    for task_name, section in results["tasks"].items():
+        lines += [f"## {task_name}", "", f"Options: {section['options']}", "",
+                  "| policy | length | accuracy | solved | written (level 1) | state B/stream | steps | seconds to solve |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for run in section["runs"]:
+            if "skipped" in run:
+                lines.append(f"| {run['policy']} | {run['seq_len']} | not run: {run['skipped']} | | | | | |")
+                continue
+            solved_at = f"{run['solved_at_seconds']:.0f}" if run["solved_at_seconds"] is not None else "-"
+            lines.append(f"| {run['policy']} | {run['seq_len']} | {run['accuracy']:.3f} | "
+                         f"{'yes' if run['solved'] else 'no'} | {run['written_fraction'][0]:.1%} | "
+                         f"{run['state_bytes_per_stream']:,} | {run['steps']} | {solved_at} |")
+        plot = plot_task(task_name, section, out_dir / f"memory-{task_name}.png")
+        lines += ["", f"Furthest solved: {section['furthest_solved'] or 'none'}", "", f"![{task_name}]({plot.name})", ""]
+    if results.get("interrupted"):
+        lines += ["The run was interrupted: the tables hold what had run.", ""]
+    path = out_dir / "memory-report.md"
+    path.write_text("\n".join(lines))
+    return path
