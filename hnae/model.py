@@ -97,7 +97,8 @@ class HNAE(nn.Module):
 
     def write_penalty(self) -> torch.Tensor:
         """The learned write policies' cost of writing beyond their budgets in the last training
-        forward (0 without any): add it, weighted, to the loss."""
+        forward (0 without any; ``step`` calls add to it until the next forward): add it,
+        weighted, to the loss."""
         terms = [term for directions in self.layers for block in directions
                  if (term := block.attention.policy.penalty()) is not None]
         return sum(terms) if terms else torch.zeros((), device=next(self.parameters()).device)
@@ -119,6 +120,9 @@ class HNAE(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, input, state: HNAEState | None = None, lengths=None):
+        for directions in self.layers:  # write_penalty() covers this forward only
+            for block in directions:
+                block.attention.policy.forget()
         packed = isinstance(input, PackedSequence)
         if packed:
             if lengths is not None:

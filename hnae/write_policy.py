@@ -59,7 +59,9 @@ def _number(name: str, value) -> float:
 def normalise_policy(write_policy, threshold, budget, num_levels: int):
     """Validated per-summary-level tuples (policies, thresholds, budgets).
 
-    Thresholds and budgets of levels that do not use them are None.
+    Every value given is checked, and a threshold or budget that no level would use is
+    refused (nothing is silently ignored). Stored thresholds and budgets of levels that do
+    not use them are None.
     """
     levels = num_levels - 1
     policies = _per_level("write_policy", write_policy, levels)
@@ -69,25 +71,24 @@ def normalise_policy(write_policy, threshold, budget, num_levels: int):
     if levels == 0 and write_policy not in ("all", ()):
         raise ValueError("write_policy: a single-level hierarchy has no summary levels to apply it to; "
                          "give windows at least two levels")
-    thresholds = _per_level("threshold", threshold, levels)
-    budgets = _per_level("budget", budget, levels)
-    out_thresholds, out_budgets = [], []
-    for policy, level_threshold, level_budget in zip(policies, thresholds, budgets):
-        if policy == "novelty":
-            level_threshold = DEFAULT_THRESHOLD if level_threshold is None else _number("threshold", level_threshold)
-            if not -1.0 <= level_threshold <= 1.0:
-                raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {level_threshold}")
-        else:
-            level_threshold = None
-        if policy == "learned":
-            level_budget = DEFAULT_BUDGET if level_budget is None else _number("budget", level_budget)
-            if not 0.0 < level_budget <= 1.0:
-                raise ValueError(f"budget must be a fraction in (0, 1], got {level_budget}")
-        else:
-            level_budget = None
-        out_thresholds.append(level_threshold)
-        out_budgets.append(level_budget)
-    return policies, tuple(out_thresholds), tuple(out_budgets)
+    thresholds = [None if value is None else _number("threshold", value)
+                  for value in _per_level("threshold", threshold, levels)]
+    budgets = [None if value is None else _number("budget", value) for value in _per_level("budget", budget, levels)]
+    for value in thresholds:
+        if value is not None and not -1.0 <= value <= 1.0:
+            raise ValueError(f"threshold must be a cosine similarity in [-1, 1], got {value}")
+    for value in budgets:
+        if value is not None and not 0.0 < value <= 1.0:
+            raise ValueError(f"budget must be a fraction in (0, 1], got {value}")
+    if any(value is not None for value in thresholds) and "novelty" not in policies:
+        raise ValueError(f"threshold: only the 'novelty' write policy uses it, and no level has it {policies}")
+    if any(value is not None for value in budgets) and "learned" not in policies:
+        raise ValueError(f"budget: only the 'learned' write policy uses it, and no level has it {policies}")
+    out_thresholds = tuple((DEFAULT_THRESHOLD if value is None else value) if policy == "novelty" else None
+                           for policy, value in zip(policies, thresholds))
+    out_budgets = tuple((DEFAULT_BUDGET if value is None else value) if policy == "learned" else None
+                        for policy, value in zip(policies, budgets))
+    return policies, out_thresholds, out_budgets
 
 
 def cosine_similarity(items: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,8 @@ class WritePolicy(nn.Module):
         for gate in self.gates.values():
             nn.init.normal_(gate.weight, std=0.02)
             nn.init.constant_(gate.bias, 2.0)  # start by writing everything (g = 0.88)
-        self.last_fractions: dict[int, torch.Tensor] = {}  # level -> straight-through written fraction
+        # level -> (sum of straight-through write flags, candidates) over the current forward
+        self.written_record: dict[int, tuple[torch.Tensor, int]] = {}
 
     @property
     def active(self) -> bool:
@@ -133,13 +135,12 @@ class WritePolicy(nn.Module):
             return valid, values
         if policy == "novelty":
             return self._novelty(flat, valid, last.reshape(batch, -1), has_last, self.thresholds[level - 1]), values
-        gate = torch.sigmoid(self.gates[str(level)](
-            flat.view(batch, count, slots, heads * width).flatten(2)).squeeze(-1))  # (B, M)
+        gate = torch.sigmoid(self.gates[str(level)](flat).squeeze(-1))  # (B, M)
         write = valid & (gate >= 0.5)
         if self.training and bool(valid.any()):
-            hard = write.to(gate.dtype)
-            straight = hard + gate - gate.detach()  # value: written or not; gradient: the gate's
-            self.last_fractions[level] = straight[valid].mean()
+            straight = write.to(gate.dtype) + gate - gate.detach()  # value: written or not; gradient: the gate's
+            total, seen = self.written_record.get(level, (0.0, 0))
+            self.written_record[level] = (total + straight[valid].sum(), seen + int(valid.sum()))
         return write, values * gate.view(batch, 1, count, 1, 1)
 
     @staticmethod
@@ -159,8 +160,12 @@ class WritePolicy(nn.Module):
             return valid
         return torch.stack(writes, dim=1)  # (B, M)
 
+    def forget(self) -> None:
+        """Start a new forward: drop the write records of the previous one."""
+        self.written_record = {}
+
     def penalty(self) -> torch.Tensor | None:
-        """Sum over learned levels of max(0, written fraction - budget) from the last training forward."""
-        terms = [torch.relu(fraction - self.budgets[level - 1]) for level, fraction in self.last_fractions.items()]
-        self.last_fractions = {}
+        """Sum over learned levels of max(0, written fraction - budget) over the last training forward."""
+        terms = [torch.relu(total / seen - self.budgets[level - 1])
+                 for level, (total, seen) in self.written_record.items()]
         return sum(terms) if terms else None

@@ -37,7 +37,8 @@ PROFILES = {
     "default": {"redundant_stream": (20, 100, 200, 400), "sparse_signal": (160,), "budget": 60.0, "width": 32,
                 "window": 64, "batch": 32},
 }
-THRESHOLD, BUDGET, PENALTY_WEIGHT, LR = 0.9, 0.1, 1.0, 3e-3
+THRESHOLD, BUDGET, LR = 0.9, 0.1, 3e-3
+PENALTY_WEIGHT = 0.01  # small: with Adam a larger weight shuts every gate before the task can hold any open
 TASK_OPTIONS = {"redundant_stream": {"hold": 10}, "sparse_signal": {"num_pairs": 8}}
 
 

@@ -80,3 +80,40 @@ def test_cuda_perf_measures_memory_and_flops():
     counted = perf_measure.count_flops(model, torch.randn(2, 256, 8, device="cuda"), "cuda", "bf16")
     assert counted["training"] > counted["forward"] > 0
     assert any("attention" in op or "bmm" in op for op in counted["by_op"])   # attention is counted, fused or not
+
+
+@pytest.mark.parametrize("policy", ["novelty", "learned"])
+def test_cuda_write_policy_matches_cpu_and_streams_exactly(policy):
+    """Skipping summaries on the GPU: the same decisions and outputs as on the CPU, chunked = whole."""
+    torch.manual_seed(0)
+    options = {"threshold": 0.6} if policy == "novelty" else {}
+    cpu_model = tiny_model(windows=(2, 3, 2), num_layers=2, write_policy=policy, **options).double()
+    with torch.no_grad():  # learned gates around 1/2, so some items are skipped
+        for (block,) in cpu_model.layers:
+            for gate in block.attention.policy.gates.values():
+                gate.weight.normal_(0.0, 0.5)
+                gate.bias.zero_()
+    cuda_model = copy.deepcopy(cpu_model).cuda()
+    x = random_input(2, 60, 5).double()
+    with torch.no_grad():
+        cpu_out, cpu_state = cpu_model(x)
+        whole, whole_state = cuda_model(x.cuda())
+        state, pieces = None, []
+        for start in range(0, x.shape[1], 7):
+            piece, state = cuda_model(x[:, start:start + 7].cuda(), state)
+            pieces.append(piece)
+    torch.testing.assert_close(whole.cpu(), cpu_out, atol=1e-6, rtol=0)  # CUDA float64 SDPA: ~5e-9 seen
+    assert (torch.cat(pieces, dim=1) - whole).abs().max().item() <= 1e-6
+    for layer in range(2):
+        for name in ("written", "skipped"):
+            assert whole_state.layers[layer][name].cpu().tolist() == cpu_state.layers[layer][name].tolist()
+            assert state.layers[layer][name].cpu().tolist() == cpu_state.layers[layer][name].tolist()
+
+
+def test_cuda_training_step_inside_one_block():
+    """A sequence shorter than the level-0 window (one query block): the backward runs."""
+    model = tiny_model(windows=(128, 8), num_layers=1, hidden_size=32, summary_slots=8).cuda().train()
+    x = random_input(4, 70, 5).cuda()
+    output, _ = model(x)
+    output.pow(2).mean().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# GPU run for issues 3 and 5: the CUDA tests (write policies included), then
+# `hnae train --task copy --seq-len 1000 --curriculum` on cuda for a fixed time budget.
+#
+#   OUT=runs/gpu-copy SECONDS_BUDGET=380 bash scripts/gpu_copy_check.sh
+#
+# Installs nothing from the network: where safetensors/tqdm are missing it installs the wheels
+# found in build/wheels (download them beforehand with `pip download`).
+set -u
+cd "$(dirname "$0")/.." || exit 1
+PYTHON="${PYTHON:-python3}"
+OUT_DIR="${OUT:-runs/gpu-copy}"
+BUDGET="${SECONDS_BUDGET:-380}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT_DIR"
+"$PYTHON" -c "import safetensors, tqdm" 2>/dev/null \
+    || "$PYTHON" -m pip install -q --no-index --find-links build/wheels safetensors tqdm 2>&1 | tail -2
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
+    "$PYTHON" -c "import torch, platform; print('python', platform.python_version(), '| torch', torch.__version__)"
+} > "$OUT_DIR/machine.txt" 2>&1
+timeout 150 "$PYTHON" -m pytest -q -x tests/test_cuda.py -p no:cacheprovider > "$OUT_DIR/pytest.log" 2>&1
+tail -3 "$OUT_DIR/pytest.log"
+timeout $((BUDGET + 60)) "$PYTHON" -m hnae train --task copy --seq-len 1000 --model hnae --curriculum \
+    --time-budget "$BUDGET" --device cuda --out "$OUT_DIR/copy1000" --no-progress > "$OUT_DIR/train.log" 2>&1
+tail -5 "$OUT_DIR/train.log"
+rm -rf "$OUT_DIR"/copy1000/ckpt-*  # keep metrics, not weights
