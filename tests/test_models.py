@@ -17,6 +17,8 @@ TINY_TASKS = {
     'adding': dict(seq_len=16),
     'selective_copy': dict(seq_len=20, num_tokens=4, vocab_size=6),
     'associative_recall': dict(seq_len=24, num_pairs=4, num_queries=4, key_vocab_size=8, value_vocab_size=8),
+    'redundant_stream': dict(seq_len=6, num_pairs=2, vocab_size=4, hold=3),
+    'sparse_signal': dict(seq_len=16, num_pairs=2, vocab_size=4, noise_vocab_size=6),
 }
 
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from hnae_bench.tasks import DEFAULT_SEQ_LENS, TASK_NAMES, Task, make_task
 
-SHORT_LENGTHS = {'copy': 30, 'adding': 40, 'selective_copy': 50, 'associative_recall': 40}
+SHORT_LENGTHS = {'copy': 30, 'adding': 40, 'selective_copy': 50, 'associative_recall': 40,
+                 'redundant_stream': 25, 'sparse_signal': 60}
 
 
 def generator(seed: int) -> torch.Generator:
@@ -28,7 +29,8 @@ def logits_for(classes: torch.Tensor, num_classes: int, confidence: float = 30.0
 
 
 def test_registry_names_and_defaults():
-    assert TASK_NAMES == ('copy', 'adding', 'selective_copy', 'associative_recall')
+    assert TASK_NAMES == ('copy', 'adding', 'selective_copy', 'associative_recall', 'redundant_stream',
+                          'sparse_signal')
     assert DEFAULT_SEQ_LENS['selective_copy'] == 4096
     for name in TASK_NAMES:
         task = make_task(name, SHORT_LENGTHS[name])
@@ -261,3 +263,45 @@ def test_bad_arguments_are_refused_with_their_names():
         task.sample(0, generator(0))
     with pytest.raises(TypeError, match='generator'):
         task.sample(2, 0)
+
+
+def test_redundant_stream_layout_and_answers():
+    task = make_task('redundant_stream', 25, num_pairs=3, vocab_size=5, hold=4, noise_permille=0)
+    assert task.total_length == 3 * 4 + 25 + 3 and task.output_size == 5
+    x, y = task.sample(6, generator(21))
+    keys = slice(0, 3)
+    symbols = slice(task.symbol_offset, task.symbol_offset + 5)
+    for b in range(6):
+        answer_of_key = {}
+        for scene in range(3):
+            frames = x[b, scene * 4:(scene + 1) * 4]
+            assert torch.equal(frames, frames[:1].expand(4, -1))  # held: every frame the same (no noise)
+            assert frames[0, task.flag] == 1 and frames[0, keys].sum() == 1 and frames[0, symbols].sum() == 1
+            answer_of_key[int(frames[0, keys].argmax())] = int(frames[0, symbols].argmax())
+        assert sorted(answer_of_key) == [0, 1, 2]
+        gap = x[b, 12:12 + 25]
+        assert gap[:, keys].sum() == 0 and gap[:, task.flag].sum() == 0 and torch.all(gap[:, symbols].sum(1) == 1)
+        assert torch.equal(gap[0:4], gap[0:1].expand(4, -1))  # distractor scenes are held too
+        queries = x[b, -3:]
+        assert torch.all(queries[:, task.query_flag] == 1) and sorted(queries[:, keys].argmax(1).tolist()) == [0, 1, 2]
+        assert y[b].tolist() == [answer_of_key[int(k)] for k in queries[:, keys].argmax(1)]
+    noisy, _ = make_task('redundant_stream', 25, num_pairs=3, vocab_size=5, hold=4).sample(6, generator(21))
+    assert 0 < (noisy - x).abs().max() < 0.5 and torch.equal(noisy[:, -3:], x[:, -3:])  # queries are clean
+
+
+def test_sparse_signal_layout_and_answers():
+    task = make_task('sparse_signal', 60, num_pairs=4, vocab_size=5, noise_vocab_size=7)
+    assert task.total_length == 64 and task.input_size == 4 + 1 + 5 + 7 + 1
+    x, y = task.sample(5, generator(22))
+    noise = slice(task.noise_offset, task.noise_offset + 7)
+    for b in range(5):
+        body = x[b, :60]
+        data = torch.nonzero(body[:, task.flag]).flatten()
+        assert len(data) == 4  # exactly the keyed data tokens; the rest one noise token each
+        assert torch.all(body[:, noise].sum(1) == (body[:, task.flag] == 0).float())
+        value_of_key = {int(body[t, :4].argmax()): int(body[t, task.symbol_offset:task.symbol_offset + 5].argmax())
+                        for t in data}
+        asked = x[b, -4:, :4].argmax(1)
+        assert y[b].tolist() == [value_of_key[int(k)] for k in asked]
+    with pytest.raises(ValueError, match='num_pairs'):
+        make_task('sparse_signal', 3, num_pairs=4)
