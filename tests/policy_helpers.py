@@ -1,0 +1,157 @@
+"""Shared helpers of the write-policy tests: tiny float64 models, chunked runs, gate calibration."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+import hnae
+
+torch.set_num_threads(1)
+
+FEATURES = 3
+HIDDEN = 8
+EXACT = 1e-10  # float64: streaming and parallel differ by rounding only
+
+def policy_model(windows, num_layers=1, policy="all", threshold=None, budget=None, slots=1, seed=0,
+                 gate_bias=0.0, gate_std=0.5):
+    """A tiny float64 model in eval mode. Learned gates get weights of std ``gate_std`` (not the
+    initial 0.02, which makes every gate almost the same) and bias ``gate_bias``: see ``calibrate_gates``."""
+    torch.manual_seed(seed)
+    model = hnae.HNAE(FEATURES, HIDDEN, num_layers, batch_first=True, windows=windows, num_heads=2,
+                      summary_slots=slots, write_policy=policy, threshold=threshold, budget=budget)
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for (block,) in model.layers:
+            for gate in block.attention.policy.gates.values():
+                gate.weight.copy_(torch.randn(gate.weight.shape, generator=generator) * gate_std)
+                gate.bias.fill_(gate_bias)
+    return model.double().eval()
+
+
+def inputs(batch, steps, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, steps, FEATURES, generator=generator, dtype=torch.float64)
+
+
+def run_in_chunks(model, x, sizes, state=None):
+    """Feed x (B, T, F) in chunks of the given sizes (cycled), carrying the state."""
+    outputs, start, index = [], 0, 0
+    while start < x.shape[1]:
+        size = sizes[index % len(sizes)]
+        output, state = model(x[:, start:start + size], state)
+        outputs.append(output)
+        start, index = start + size, index + 1
+    return torch.cat(outputs, dim=1), state
+
+
+def max_difference(a, b):
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+def assert_states_equal(first, second, tolerance=EXACT):
+    """Same names; position and counters identical; floating tensors within tolerance."""
+    assert first.names() == second.names()
+    for name, a, b in zip(first.names(), first.tensors(), second.tensors()):
+        assert a.shape == b.shape, name
+        if a.is_floating_point():
+            assert max_difference(a, b) <= tolerance, name
+        else:
+            assert torch.equal(a, b), (name, a.tolist(), b.tolist())
+
+
+def counters(state, level):
+    """Written and skipped totals of summary level ``level`` over layers and streams."""
+    written = sum(int(layer["written"][:, level - 1].sum()) for layer in state.layers)
+    skipped = sum(int(layer["skipped"][:, level - 1].sum()) for layer in state.layers)
+    return written, skipped
+
+
+def chunk_plans(w0):
+    rng = random.Random(w0 * 31 + 7)
+    return {"1": [1], "3": [3], "w0-1": [max(1, w0 - 1)], "w0": [w0], "w0+1": [w0 + 1],
+            "random": [rng.randint(1, 2 * w0 + 3) for _ in range(40)]}
+
+
+# One config per line: windows, layers, slots, policy, threshold. Novelty thresholds are chosen
+# so that every novelty level both writes and skips (summaries of a random model are similar:
+# cosines mostly 0.5 to 0.95); learned gates are calibrated to split their candidates. Each test
+# checks it with ``assert_policies_bite``.
+CONFIGS = {
+    "all": ((3, 2, 2), 1, 1, "all", None),
+    "novelty-3lvl": ((3, 2, 2), 2, 2, "novelty", 0.9),
+    "novelty-2lvl": ((4, 3), 1, 1, "novelty", 0.95),
+    "learned-3lvl": ((3, 2, 2), 1, 2, "learned", None),
+    "learned-2lvl": ((4, 3), 2, 1, "learned", None),
+    "novelty,all": ((3, 2, 2), 1, 1, ("novelty", "all"), (0.9, None)),
+    "all,learned": ((3, 2, 2), 2, 2, ("all", "learned"), None),
+    "learned,novelty": ((3, 2, 2), 1, 2, ("learned", "novelty"), (None, 0.9)),
+}
+
+
+def record_candidates(model, x):
+    """One forward of x. Returns the output, the state, and per layer one dict per level:
+    level, values (B, H, M, K, E) of the candidates, and the trace's ready, valid and write (B, M)."""
+    attentions = [block.attention for (block,) in model.layers]
+    records = [[] for _ in attentions]
+    for attention, layer_records in zip(attentions, records):
+        original = attention.summarise
+
+        def summarise(level, keys, values, original=original, layer_records=layer_records):
+            new_keys, new_values = original(level, keys, values)
+            layer_records.append((level, new_values.detach().clone()))
+            return new_keys, new_values
+
+        attention.summarise = summarise  # an instance attribute shadows the method
+        attention.trace = []
+    try:
+        with torch.no_grad():
+            output, state = model(x)
+        result = []
+        for attention, layer_records in zip(attentions, records):
+            assert [level for level, _ in layer_records] == [entry["level"] for entry in attention.trace]
+            result.append([{"level": level, "values": values, **entry}
+                           for (level, values), entry in zip(layer_records, attention.trace)])
+    finally:
+        for attention in attentions:
+            del attention.summarise
+            attention.trace = None
+    return output, state, result
+
+
+def calibrate_gates(model, x):
+    """Set each learned gate's bias so that its scores split the valid candidates of x in half.
+
+    Layer by layer, level by level (a gate changes what the levels and layers above see). The bias
+    is minus the midpoint of the two middle scores: no gate lies within rounding of 1/2.
+    """
+    for layer, (block,) in enumerate(model.layers):
+        for level, policy in enumerate(model.write_policy, start=1):
+            if policy != "learned":
+                continue
+            gate = block.attention.policy.gates[str(level)]
+            record, = [r for r in record_candidates(model, x)[2][layer] if r["level"] == level]
+            flat = record["values"].permute(0, 2, 1, 3, 4).flatten(2)[record["valid"]]  # (n, H*K*E)
+            scores = (flat @ gate.weight[0]).sort().values
+            assert len(scores) >= 2, (layer, level)
+            middle = len(scores) // 2
+            with torch.no_grad():
+                gate.bias.fill_(-0.5 * float(scores[middle - 1] + scores[middle]))
+    return model
+
+
+def config_model(name, x):
+    windows, num_layers, slots, policy, threshold = CONFIGS[name]
+    return calibrate_gates(policy_model(windows, num_layers, policy, threshold, slots=slots), x)
+
+
+def assert_policies_bite(model, state):
+    """Every novelty or learned level of the run wrote some candidates and skipped some."""
+    for level, policy in enumerate(model.write_policy, start=1):
+        written, skipped = counters(state, level)
+        if policy == "all":
+            assert skipped == 0, (level, policy)
+            assert written > 0, (level, policy)
+        else:
+            assert written > 0 and skipped > 0, (level, policy, written, skipped)
