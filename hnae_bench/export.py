@@ -49,6 +49,11 @@ class ExportSource:
     path: Path
 
 
+def _tuple(value):
+    """JSON gives lists where the configuration held tuples."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _from_train_checkpoint(path: Path, config: dict) -> ExportSource:
     """Rebuild the benchmark's SequenceModel (HNAE body + linear head) of a ``hnae train`` checkpoint."""
     config_path = path / CONFIG_FILE
@@ -65,7 +70,9 @@ def _from_train_checkpoint(path: Path, config: dict) -> ExportSource:
         encoder = hnae.HNAE(model_config["input_size"], model_config["width"], num_layers=model_config["num_layers"],
                             batch_first=True, windows=tuple(model_config["windows"]),
                             summary_slots=model_config["summary_slots"],
-                            ffn_multiplier=model_config["ffn_multiplier"])
+                            ffn_multiplier=model_config["ffn_multiplier"],
+                            write_policy=_tuple(model_config.get("write_policy", "all")),
+                            threshold=_tuple(model_config.get("threshold")), budget=_tuple(model_config.get("budget")))
         model = SequenceModel(HNAEBody(encoder), model_config["width"], model_config["input_size"],
                               model_config["output_size"])
     except (TypeError, ValueError) as error:

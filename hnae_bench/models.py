@@ -64,6 +64,11 @@ class SequenceModel(nn.Module):
             raise ValueError(f'x must have shape (B, T, {self.input_size}), got {tuple(x.shape)}')
         return self.head(self.body(x))   # (B, T, K)
 
+    def write_penalty(self) -> torch.Tensor | float:
+        """hnae's learned write policies' cost beyond their budget in the last forward (0 for others)."""
+        encoder = getattr(self.body, 'encoder', None)
+        return encoder.write_penalty() if hasattr(encoder, 'write_penalty') else 0.0
+
 
 def count_parameters(model: nn.Module) -> int:
     """Trainable parameters (each shared tensor counted once)."""
@@ -222,18 +227,19 @@ def hnae_windows(max_len: int, window: int = HNAE_WINDOWS['small'], first: int |
     return tuple(windows)
 
 
-def _recipe_hnae(task, preset, max_len):
+def _recipe_hnae(task, preset, max_len, write_policy='all', threshold=None, budget=None):
     import hnae   # the library itself; an ImportError here is a real failure, not a missing peer
 
     windows = hnae_windows(max_len, HNAE_WINDOWS[preset], HNAE_FIRST_WINDOW[preset])
     layers, slots = STACK_DEPTH[preset], HNAE_SLOTS[preset]
+    policy = {'write_policy': write_policy, 'threshold': threshold, 'budget': budget}
 
     def make(width):
         encoder = hnae.HNAE(task.input_size, width, num_layers=layers, batch_first=True,
-                            windows=windows, summary_slots=slots, ffn_multiplier=2)
+                            windows=windows, summary_slots=slots, ffn_multiplier=2, **policy)
         return HNAEBody(encoder)
     return BodyRecipe(make, 8, {'num_layers': layers, 'windows': list(windows), 'summary_slots': slots,
-                                'ffn_multiplier': 2, 'guaranteed_reach': math.prod(windows)})
+                                'ffn_multiplier': 2, 'guaranteed_reach': math.prod(windows), **policy})
 
 
 def _recipe_recurrent(rnn_class):
@@ -296,13 +302,14 @@ _RECIPES = {
 }
 
 
-def build_model(name: str, task: Task, preset: str = 'small', max_len: int | None = None) -> SequenceModel:
+def build_model(name: str, task: Task, preset: str = 'small', max_len: int | None = None,
+                hnae_options: dict | None = None) -> SequenceModel:
     """A model whose forward(x (B, T, input_size)) returns (B, T, output_size).
 
     max_len: the longest T it will see (default: task.total_length). The TCN
     sizes its receptive field and hnae its windows to cover it; xlstm and
     htransformer refuse longer inputs. Raises ModelUnavailable when a peer
-    package is missing.
+    package is missing. hnae_options (hnae only): write_policy, threshold, budget.
     """
     if name not in _RECIPES:
         raise ValueError(f'unknown model name {name!r}; choose one of {MODEL_NAMES}')
@@ -315,7 +322,9 @@ def build_model(name: str, task: Task, preset: str = 'small', max_len: int | Non
     if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
         raise ValueError(f'max_len must be a positive int or None, got {max_len!r}')
 
-    recipe = _RECIPES[name](task, preset, max_len)
+    if hnae_options and name != 'hnae':
+        raise ValueError(f'hnae_options (write policies) apply to hnae only, not {name!r}')
+    recipe = _RECIPES[name](task, preset, max_len, **(hnae_options or {}))
 
     def assemble(width):
         return SequenceModel(recipe.make(width), width, task.input_size, task.output_size)

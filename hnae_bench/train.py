@@ -36,6 +36,7 @@ from hnae_bench.checkpoint import (
     save_checkpoint, truncate_metrics,
 )
 from hnae_bench.curriculum import Curriculum, build_ladder
+from hnae_bench.length_generalisation import evaluate_at_length
 from hnae_bench.models import build_model, count_parameters
 from hnae_bench.tasks import make_task
 from hnae_bench.train_config import TrainConfig, TrainResult
@@ -46,6 +47,10 @@ GRADIENT_CLIP_NORM = 1.0
 # Fields a resumed run must share with the run that wrote the checkpoint.
 RESUME_MUST_MATCH = ("task", "seq_len", "model", "preset", "batch_size", "lr", "seed", "curriculum", "ladder",
                      "task_options")
+
+
+GENERALISE_SEQUENCES = 16  # sequences per --generalise length
+WRITE_PENALTY_WEIGHT = 0.01  # learned write policies: small, or Adam shuts every gate first
 
 
 def eval_seed(seed: int, seq_len: int) -> int:
@@ -86,7 +91,8 @@ class Trainer:
         self.task = make_task(config.task, self.curriculum.seq_len, **config.task_options)
         longest = make_task(config.task, config.seq_len, **config.task_options).total_length  # the last rung's T
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, self.task, config.preset, max_len=longest).to(self.device)
+        self.model = build_model(config.model, self.task, config.preset, max_len=longest,
+                                 hnae_options=config.hnae_options()).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.step, self.seconds, self.train_seconds, self.tokens = 0, 0.0, 0.0, 0
@@ -178,7 +184,7 @@ class Trainer:
     def train_step(self) -> torch.Tensor:
         x, y = self._batch(self.data_generator)
         output = self.wrapped(x)  # (B_rank, T, out)
-        loss = self.task.loss(output, y)
+        loss = self.task.loss(output, y) + WRITE_PENALTY_WEIGHT * self.model.write_penalty()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRADIENT_CLIP_NORM)
@@ -265,12 +271,28 @@ class Trainer:
         if stop.requested:
             self._say(f"interrupted at step {self.step}; checkpoint written" if self.out else "interrupted")
             raise KeyboardInterrupt
+        generalisation = self.generalise()
         return TrainResult(
-            config=config, rungs=self.curriculum.rung_records(),
+            config=config, rungs=self.curriculum.rung_records(), generalisation=generalisation,
             final_metrics=dict(self.last_metrics), longest_solved=self.curriculum.longest_solved(), steps=self.step,
             seconds=self.seconds, tokens_per_second=self.tokens_per_second,
             parameters=count_parameters(self.model), model=self.model, task=self.task,
             final_seq_len=self.last_eval_seq_len)
+
+
+    def generalise(self) -> list[dict]:
+        """The trained model at the lengths of ``config.generalise`` (logged, rank 0 only)."""
+        records = []
+        if not self.context.is_main:
+            return records
+        for length in self.config.generalise:
+            record = evaluate_at_length(self.model, self.config.task, length, sequences=GENERALISE_SEQUENCES,
+                                        device=str(self.device), task_options=self.config.task_options,
+                                        seed=eval_seed(self.config.seed, length))
+            records.append(record)
+            if self.out:
+                append_metrics(self.out, {"event": "generalisation", "step": self.step, **record})
+        return records
 
 
 def train(config: TrainConfig) -> TrainResult:

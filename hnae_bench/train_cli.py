@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--preset", choices=PRESETS, default=DEFAULTS.preset, help="parameter budget")
     what.add_argument("--task-option", type=_task_option, action="append", default=[], metavar="KEY=VALUE",
                       help="a task option such as memory_length=10 (repeatable)")
+    what.add_argument("--write-policy", choices=("all", "novelty", "learned"), default=DEFAULTS.write_policy,
+                      help="hnae: which summaries each level writes into its memory")
+    what.add_argument("--threshold", type=float, default=None, help="novelty: cosine similarity that skips")
+    what.add_argument("--budget", type=float, default=None, help="learned: target fraction written")
     how = parser.add_argument_group("how long and how")
     how.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps")
     how.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
@@ -67,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--checkpoint-every", type=int, default=DEFAULTS.checkpoint_every,
                        help="steps between checkpoints")
     files.add_argument("--no-progress", action="store_true", help="no progress bar")
+    files.add_argument("--generalise", type=_ladder, default=(), metavar="T1,T2,...",
+                       help="after training, evaluate at these lengths too (length generalisation)")
     return parser
 
 
@@ -76,7 +82,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
         out=args.out, resume=args.resume, curriculum=args.curriculum, ladder=args.ladder,
         eval_every=args.eval_every, eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
-        progress=not args.no_progress, task_options=dict(args.task_option), stop_when_solved=args.stop_when_solved)
+        progress=not args.no_progress, task_options=dict(args.task_option), stop_when_solved=args.stop_when_solved,
+        write_policy=args.write_policy, threshold=args.threshold, budget=args.budget, generalise=args.generalise)
 
 
 def main(argv: list[str]) -> int:
@@ -101,6 +108,10 @@ def main(argv: list[str]) -> int:
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 alone reports
         return 0
     print(result.summary())
+    for record in result.generalisation:
+        shown = ", ".join(f"{name} {value:.4g}" for name, value in sorted(record["metrics"].items()))
+        print(f"generalisation at T={record['seq_len']} ({record['sequences']} sequences): {shown}; "
+              f"{'solved' if record['solved'] else 'not solved'}")
     if config.out is not None:
         print(f"metrics and checkpoints in {config.out}; final metrics: {json.dumps(result.final_metrics)}")
     return 0

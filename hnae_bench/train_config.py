@@ -46,6 +46,10 @@ class TrainConfig:
     progress: bool = True
     task_options: dict = field(default_factory=dict)  # passed to make_task
     stop_when_solved: bool = False  # stop once the last rung is solved
+    write_policy: str = "all"  # hnae only: "all", "novelty" or "learned" at every summary level
+    threshold: float | None = None  # novelty: cosine similarity at or above which a summary is skipped
+    budget: float | None = None  # learned: target fraction of summaries written
+    generalise: tuple[int, ...] = ()  # after training, evaluate the model at these seq_lens too
 
     def __post_init__(self):
         for name, choices in (("task", TASK_NAMES), ("model", MODEL_NAMES), ("preset", PRESETS)):
@@ -79,10 +83,24 @@ class TrainConfig:
         if self.ladder is not None:
             self.ladder = tuple(self.ladder)
         build_ladder(self.seq_len, self.curriculum, self.ladder)  # validates ladder
+        if self.hnae_options() and self.model != "hnae":
+            raise ValueError(f"write_policy, threshold and budget apply to hnae only, not {self.model!r}")
+        if self.hnae_options():
+            from hnae.write_policy import normalise_policy
+            normalise_policy(self.write_policy, self.threshold, self.budget, 2)  # refuses bad values by name
+        self.generalise = tuple(self.generalise)
+        for length in self.generalise:
+            _positive_int("generalise", length)
+
+    def hnae_options(self) -> dict:
+        """The write-policy arguments for hnae, or {} when they are all the defaults."""
+        options = {"write_policy": self.write_policy, "threshold": self.threshold, "budget": self.budget}
+        return {} if options == {"write_policy": "all", "threshold": None, "budget": None} else options
 
     def to_json(self) -> dict:
         values = asdict(self)
         values["ladder"] = None if self.ladder is None else list(self.ladder)
+        values["generalise"] = list(self.generalise)
         return values
 
 
@@ -99,6 +117,7 @@ class TrainResult:
     model: torch.nn.Module  # the trained model (in memory, unwrapped from DDP)
     task: Task  # the task of the last rung
     final_seq_len: int | None = None  # the length final_metrics were measured at (below task's after a rung change)
+    generalisation: list = field(default_factory=list)  # evaluate_at_length records for config.generalise
 
     def summary(self) -> str:
         shown = ", ".join(f"{name} {value:.4g}" for name, value in sorted(self.final_metrics.items()))

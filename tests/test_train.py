@@ -252,7 +252,48 @@ def test_curriculum_state_round_trips():
     (dict(ladder=(5,)), "only used with curriculum"),
     (dict(curriculum=True, ladder=(5, 2)), "strictly increasing"),
     (dict(device="gpu-please"), "device"),
+    (dict(write_policy="novelty"), "apply to hnae only"),
+    (dict(model="hnae", write_policy="novelty", threshold=2.0), "threshold"),
+    (dict(model="hnae", write_policy="sometimes"), "write_policy"),
+    (dict(generalise=(0,)), "generalise"),
 ])
 def test_config_is_validated_loudly(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny(**overrides)
+
+
+# --------------------------------------------------------------------------- write policies and generalisation
+
+
+@pytest.mark.parametrize("policy, option", [("novelty", {"threshold": 0.99}), ("learned", {"budget": 0.5})])
+def test_hnae_trains_with_a_write_policy_and_its_checkpoint_rebuilds_it(tmp_path, policy, option):
+    from hnae_bench.export import load_source
+    result = train(tiny(model="hnae", write_policy=policy, steps=3, out=str(tmp_path), **option))
+    encoder = result.model.body.encoder
+    assert encoder.write_policy == (policy,) * (len(encoder.windows) - 1)
+    rebuilt = load_source(tmp_path).encoder  # the checkpoint's model_config carries the policy
+    assert rebuilt.config == encoder.config
+    x = torch.randn(2, 25, encoder.input_size)
+    assert torch.equal(rebuilt.eval()(x)[0], encoder.cpu().eval()(x)[0])
+
+
+def test_learned_policy_adds_its_penalty_to_the_training_loss(monkeypatch):
+    from hnae_bench import train as train_module
+    seen = []
+    original = train_module.Trainer.train_step
+
+    def recording(self):
+        loss = original(self)
+        seen.append(float(self.model.write_penalty()))
+        return loss
+    monkeypatch.setattr(train_module.Trainer, "train_step", recording)
+    train(tiny(model="hnae", write_policy="learned", budget=0.01, steps=2, seq_len=300))  # 2 level-0 blocks
+    assert len(seen) == 2 and all(value > 0.5 for value in seen)  # gates start open: ~all written, far above 1%
+
+
+def test_generalise_evaluates_the_trained_model_at_other_lengths(tmp_path):
+    result = train(tiny(steps=2, generalise=(10, 40), out=str(tmp_path)))
+    assert [record["seq_len"] for record in result.generalisation] == [10, 40]
+    assert all(0.0 <= record["metrics"]["accuracy"] <= 1.0 for record in result.generalisation)
+    logged = [r for r in read_metrics(tmp_path) if r.get("event") == "generalisation"]
+    assert [r["seq_len"] for r in logged] == [10, 40] and logged[1]["total_length"] == 60
