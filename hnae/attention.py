@@ -193,16 +193,21 @@ class HierarchicalAttention(nn.Module):
             stream_start = first_new - level_width  # absolute index of key_items[:, :, 0]
 
             visible = block_index * w0 // span  # (N,) level-l items complete when each block starts
-            window = (visible - first_new).unsqueeze(1) + torch.arange(level_width, device=device)  # (N, w_l)
-            window_shape = (batch, heads, num_blocks, level_width, slots, width)
-            flat_shape = (batch, heads, num_blocks, level_width * slots, width)
-            level_keys = key_items.index_select(2, window.flatten()).view(window_shape)
-            level_values = value_items.index_select(2, window.flatten()).view(window_shape)
-            age_keys = (self.age_keys[level - 1] * self.content_mask).unsqueeze(1).unsqueeze(3)  # (H, 1, w_l, 1, E)
-            key_parts.append((level_keys + age_keys).reshape(flat_shape))
-            value_parts.append((level_values + self.age_values[level - 1].unsqueeze(1).unsqueeze(3))
-                               .reshape(flat_shape))
-            exists = (visible.unsqueeze(1) - level_width + torch.arange(level_width, device=device)) >= 0
+            # Window entries older than the stream's first item are masked for every block: leave
+            # them out (at the start of a stream whole levels are empty). Exact: they weigh 0.
+            kept = min(level_width, (block_start + (num_blocks - 1) * w0) // span)  # may be 0: empty parts keep
+            # the age embeddings in the graph (zero gradients, as DDP expects of every parameter)
+            places = torch.arange(level_width - kept, level_width, device=device)  # (kept,) window places
+            window = (visible - first_new - level_width).unsqueeze(1) + places  # (N, kept) item indices
+            window_shape = (batch, heads, num_blocks, kept, slots, width)
+            flat_shape = (batch, heads, num_blocks, kept * slots, width)
+            level_keys = key_items.index_select(2, (window + level_width).flatten()).view(window_shape)
+            level_values = value_items.index_select(2, (window + level_width).flatten()).view(window_shape)
+            age_keys = (self.age_keys[level - 1][:, level_width - kept:] * self.content_mask)
+            age_values = self.age_values[level - 1][:, level_width - kept:]  # (H, kept, E)
+            key_parts.append((level_keys + age_keys.unsqueeze(1).unsqueeze(3)).reshape(flat_shape))
+            value_parts.append((level_values + age_values.unsqueeze(1).unsqueeze(3)).reshape(flat_shape))
+            exists = (visible.unsqueeze(1) - level_width + places) >= 0  # (N, kept)
             mask_parts.append(exists.repeat_interleave(slots, dim=1).unsqueeze(1).expand(-1, w0, -1))
 
             state_shape = (batch, heads, level_width * slots, width)

@@ -69,7 +69,7 @@ def _from_train_checkpoint(path: Path, config: dict) -> ExportSource:
     try:  # the arguments hnae_bench.models builds its hnae body with
         encoder = hnae.HNAE(model_config["input_size"], model_config["width"], num_layers=model_config["num_layers"],
                             batch_first=True, windows=tuple(model_config["windows"]),
-                            summary_slots=model_config["summary_slots"],
+                            summary_slots=model_config["summary_slots"], num_heads=model_config.get("num_heads"),
                             ffn_multiplier=model_config["ffn_multiplier"],
                             write_policy=_tuple(model_config.get("write_policy", "all")),
                             threshold=_tuple(model_config.get("threshold")), budget=_tuple(model_config.get("budget")))

@@ -35,6 +35,9 @@ RECURRENT_DEPTH = {'small': 1, 'large': 2}   # layers of nn.LSTM / nn.GRU
 HNAE_WINDOWS = {'small': 8, 'large': 64}      # windows of levels >= 1; levels are added to cover max_len
 HNAE_FIRST_WINDOW = {'small': 128, 'large': 64}  # level 0: a wide local window learns recall fast
 HNAE_SLOTS = {'small': 8, 'large': 2}        # small: copy-style recall of many symbols; large: long T
+# heads: small keeps the default (>= 16 wide, so slots x heads >= 10 symbols fit a block);
+# large uses 2 heads of 36: the CPU's fused attention runs 1.3x faster than with 4 heads of 18
+HNAE_HEADS = {'small': None, 'large': 2}
 TCN_KERNEL_SIZE = 8                          # the TCN paper's kernel for the copy task
 
 @dataclass
@@ -235,10 +238,11 @@ def _recipe_hnae(task, preset, max_len, write_policy='all', threshold=None, budg
     policy = {'write_policy': write_policy, 'threshold': threshold, 'budget': budget}
 
     def make(width):
-        encoder = hnae.HNAE(task.input_size, width, num_layers=layers, batch_first=True,
-                            windows=windows, summary_slots=slots, ffn_multiplier=2, **policy)
+        encoder = hnae.HNAE(task.input_size, width, num_layers=layers, batch_first=True, windows=windows,
+                            num_heads=HNAE_HEADS[preset], summary_slots=slots, ffn_multiplier=2, **policy)
         return HNAEBody(encoder)
     return BodyRecipe(make, 8, {'num_layers': layers, 'windows': list(windows), 'summary_slots': slots,
+                                'num_heads': HNAE_HEADS[preset],
                                 'ffn_multiplier': 2, 'guaranteed_reach': math.prod(windows), **policy})
 
 

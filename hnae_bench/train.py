@@ -91,8 +91,8 @@ class Trainer:
         self.task = make_task(config.task, self.curriculum.seq_len, **config.task_options)
         longest = make_task(config.task, config.seq_len, **config.task_options).total_length  # the last rung's T
         torch.manual_seed(config.seed)
-        self.model = build_model(config.model, self.task, config.preset, max_len=longest,
-                                 hnae_options=config.hnae_options()).to(self.device)
+        options = {"hnae_options": config.hnae_options()} if config.hnae_options() else {}
+        self.model = build_model(config.model, self.task, config.preset, max_len=longest, **options).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.step, self.seconds, self.train_seconds, self.tokens = 0, 0.0, 0.0, 0
