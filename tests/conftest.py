@@ -24,3 +24,14 @@ def random_input(batch, steps, features, dtype=torch.float32, seed=1):
 @pytest.fixture
 def make_model():
     return tiny_model
+
+
+def run_in_chunks(model, x, sizes, state=None):
+    """Feed x (B, T, F) in chunks of the given sizes (cycled), carrying the state."""
+    outputs, start, index = [], 0, 0
+    while start < x.shape[1]:
+        size = sizes[index % len(sizes)]
+        output, state = model(x[:, start:start + size], state)
+        outputs.append(output)
+        start, index = start + size, index + 1
+    return torch.cat(outputs, dim=1), state

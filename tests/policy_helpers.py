@@ -7,6 +7,7 @@ import random
 import torch
 
 import hnae
+from conftest import run_in_chunks  # noqa: F401 (re-exported for the policy tests)
 
 torch.set_num_threads(1)
 
@@ -33,17 +34,6 @@ def policy_model(windows, num_layers=1, policy="all", threshold=None, budget=Non
 def inputs(batch, steps, seed=1):
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, steps, FEATURES, generator=generator, dtype=torch.float64)
-
-
-def run_in_chunks(model, x, sizes, state=None):
-    """Feed x (B, T, F) in chunks of the given sizes (cycled), carrying the state."""
-    outputs, start, index = [], 0, 0
-    while start < x.shape[1]:
-        size = sizes[index % len(sizes)]
-        output, state = model(x[:, start:start + size], state)
-        outputs.append(output)
-        start, index = start + size, index + 1
-    return torch.cat(outputs, dim=1), state
 
 
 def max_difference(a, b):

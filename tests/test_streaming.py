@@ -5,20 +5,9 @@ import random
 import pytest
 import torch
 
-from conftest import random_input, tiny_model
+from conftest import random_input, run_in_chunks, tiny_model
 
 TOLERANCE = 1e-5  # fp32 max abs difference allowed by DESIGN.md
-
-
-def run_in_chunks(model, x, sizes):
-    """Feed x (B, T, F) in chunks of the given sizes (cycled), carrying the state."""
-    outputs, state, start, index = [], None, 0, 0
-    while start < x.shape[1]:
-        size = sizes[index % len(sizes)]
-        output, state = model(x[:, start:start + size], state)
-        outputs.append(output)
-        start, index = start + size, index + 1
-    return torch.cat(outputs, dim=1), state
 
 
 def assert_states_close(first, second):

@@ -230,6 +230,18 @@ def test_bidirectional_padded_sequences_as_if_alone():
 
 
 # ----------------------------------------------------------- 4. causality
+def causal_reference(windows, policy, threshold):
+    """A calibrated 2-layer model, an input of twice its reach, and its outputs (the policies bite)."""
+    model = policy_model(windows, 2, policy, threshold, slots=2)
+    steps = 2 * model.receptive_field
+    x = inputs(2, steps, seed=6)
+    model = calibrate_gates(model, x)
+    with torch.no_grad():
+        reference, state = model(x)
+    assert_policies_bite(model, state)
+    return model, x, steps, reference
+
+
 @pytest.mark.parametrize("windows,policy,threshold", [
     ((3, 2, 2), "novelty", 0.9),
     ((3, 2, 2), ("novelty", "novelty"), (0.7, 0.95)),
@@ -237,13 +249,8 @@ def test_bidirectional_padded_sequences_as_if_alone():
     ((4, 3), "learned", None),  # one summary level: see the note below on learned level 2
 ])
 def test_changing_an_input_leaves_earlier_outputs_bit_identical(windows, policy, threshold):
-    model = policy_model(windows, 2, policy, threshold, slots=2)
-    steps = 2 * model.receptive_field
-    x = inputs(2, steps, seed=6)
-    model = calibrate_gates(model, x)
+    model, x, steps, reference = causal_reference(windows, policy, threshold)
     with torch.no_grad():
-        reference, state = model(x)
-        assert_policies_bite(model, state)
         for t in range(0, steps - 1, 4):
             one = x.clone()
             one[:, t] = torch.randn(2, FEATURES, dtype=torch.float64) * 5
@@ -263,13 +270,8 @@ def test_learned_second_level_is_causal_up_to_rounding():
     depends on how many level-1 candidates were written, i.e. on later inputs, and the CPU
     matmul rounds a row differently for different batch sizes (reported, not fixed here).
     """
-    model = policy_model((3, 2, 2), 2, "learned", None, slots=2)
-    steps = 2 * model.receptive_field
-    x = inputs(2, steps, seed=6)
-    model = calibrate_gates(model, x)
+    model, x, steps, reference = causal_reference((3, 2, 2), "learned", None)
     with torch.no_grad():
-        reference, state = model(x)
-        assert_policies_bite(model, state)
         for t in range(0, steps - 1, 4):
             future = x.clone()
             future[:, t:] = torch.randn(2, steps - t, FEATURES, dtype=torch.float64) * 10
