@@ -146,11 +146,10 @@ class HierarchicalAttention(nn.Module):
 
         key_stream = local_stream(state["local_keys"], keys)
         value_stream = local_stream(state["local_values"], values)
-        key_blocks = key_stream.view(batch, heads, num_blocks + 1, w0, width)
-        value_blocks = value_stream.view(batch, heads, num_blocks + 1, w0, width)
-        # Each query block sees the block before it and its own: (B, H, N, w0, E) twice.
-        key_parts = [key_blocks[:, :, :-1], key_blocks[:, :, 1:]]
-        value_parts = [value_blocks[:, :, :-1], value_blocks[:, :, 1:]]
+        # Each query block sees the block before it and its own: overlapping windows of the
+        # stream, a view (its backward is one accumulation): (B, H, N, 2*w0, E).
+        key_parts = [key_stream.unfold(2, 2 * w0, w0).transpose(3, 4)]
+        value_parts = [value_stream.unfold(2, 2 * w0, w0).transpose(3, 4)]
         query_blocks = torch.cat([queries.new_zeros(batch, heads, offset, width), queries,
                                   queries.new_zeros(batch, heads, tail, width)], dim=2)
         query_blocks = query_blocks.view(batch * heads, num_blocks, w0, width)  # (B*H, N, w0, E)
@@ -229,9 +228,8 @@ class HierarchicalAttention(nn.Module):
         if num_blocks == 1:  # a chunk inside one block: only its own rows and the keys they can see
             rows = slice(offset, offset + length)
             first_key = max(offset + 1, w0 - block_start)  # older keys are out of the window or before 0
-            local_keys = torch.cat(key_parts[:2], dim=3)[:, :, :, first_key:w0 + offset + length]
-            local_values = torch.cat(value_parts[:2], dim=3)[:, :, :, first_key:w0 + offset + length]
-            key_parts[:2], value_parts[:2] = [local_keys], [local_values]
+            key_parts[0] = key_parts[0][:, :, :, first_key:w0 + offset + length]
+            value_parts[0] = value_parts[0][:, :, :, first_key:w0 + offset + length]
             mask_parts[0] = mask_parts[0][..., first_key:w0 + offset + length]
             query_blocks = query_blocks[:, :, rows]
         all_keys = torch.cat(key_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
