@@ -39,6 +39,13 @@ from .state import layer_state_shapes
 from .write_policy import WritePolicy
 
 
+def _each_slot(tensor: torch.Tensor, slots: int, dim: int) -> torch.Tensor:
+    """Each entry along ``dim`` repeated ``slots`` times in place (``repeat_interleave``, without its index)."""
+    shape = list(tensor.shape)
+    expanded = tensor.unsqueeze(dim + 1).expand(*shape[:dim + 1], slots, *shape[dim + 1:])
+    return expanded.reshape(*shape[:dim], shape[dim] * slots, *shape[dim + 1:])
+
+
 def take_windows(stream: torch.Tensor, time_dim: int, stream_start: int, first, width: int) -> torch.Tensor:
     """Per batch element, ``width`` consecutive entries of ``stream`` along ``time_dim``.
 
@@ -134,9 +141,9 @@ class HierarchicalAttention(nn.Module):
         device = x.device
 
         queries, keys, values = self.query_key_value(x).chunk(3, dim=-1)  # (B, C, D) each
-        positions = torch.arange(start, start + length, device=device)
-        queries = self.rotary(self._split_heads(queries), positions)  # (B, H, C, E)
-        keys = self.rotary(self._split_heads(keys), positions)  # (B, H, C, E), stored rotated
+        phases = self.rotary.phases(torch.arange(start, start + length, device=device), queries.dtype)
+        queries = self.rotary.rotate(self._split_heads(queries), *phases)  # (B, H, C, E)
+        keys = self.rotary.rotate(self._split_heads(keys), *phases)  # (B, H, C, E), stored rotated
         values = self._split_heads(values)  # (B, H, C, E)
 
         def local_stream(stored: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -207,7 +214,7 @@ class HierarchicalAttention(nn.Module):
             key_parts.append((level_keys + age_keys.unsqueeze(1).unsqueeze(3)).reshape(flat_shape))
             value_parts.append((level_values + age_values.unsqueeze(1).unsqueeze(3)).reshape(flat_shape))
             exists = (visible.unsqueeze(1) - level_width + places) >= 0  # (N, kept)
-            mask_parts.append(exists.repeat_interleave(slots, dim=1).unsqueeze(1).expand(-1, w0, -1))
+            mask_parts.append(_each_slot(exists, slots, dim=1).unsqueeze(1).expand(-1, w0, -1))
 
             state_shape = (batch, heads, level_width * slots, width)
             newest = end // span  # level-l items complete at each element's end (int or (B,))
@@ -258,9 +265,9 @@ class HierarchicalAttention(nn.Module):
         heads, width, slots = self.num_heads, self.head_width, self.slots
         w0 = self.windows[0]
         queries, keys, values = self.query_key_value(x).view(batch, 1, 3 * d_model).chunk(3, dim=-1)
-        place = position.view(batch, 1, 1)  # broadcast over (H, 1)
-        queries = self.rotary(self._split_heads(queries), place)  # (B, H, 1, E)
-        keys = self.rotary(self._split_heads(keys), place)
+        phases = self.rotary.phases(position.view(batch, 1, 1), queries.dtype)  # broadcast over (H, 1)
+        queries = self.rotary.rotate(self._split_heads(queries), *phases)  # (B, H, 1, E)
+        keys = self.rotary.rotate(self._split_heads(keys), *phases)
         local_keys = torch.cat([state["local_keys"][:, :, 1:], keys], dim=2)  # (B, H, w0, E)
         local_values = torch.cat([state["local_values"][:, :, 1:], self._split_heads(values)], dim=2)
         # One softmax over all parts, without concatenating their keys and values:
@@ -270,15 +277,15 @@ class HierarchicalAttention(nn.Module):
         memories = []
         for level in range(1, len(self.windows)):
             level_width = self.windows[level]
-            age_keys = (self.age_keys[level - 1] * self.content_mask).repeat_interleave(slots, dim=1)
-            age_values = self.age_values[level - 1].repeat_interleave(slots, dim=1)  # (H, w_l*K, E)
+            age_keys = _each_slot(self.age_keys[level - 1] * self.content_mask, slots, dim=1)
+            age_values = _each_slot(self.age_values[level - 1], slots, dim=1)  # (H, w_l*K, E)
             memory_values = state[f"memory_values_{level}"]  # (B, H, w_l*K, E)
             scores.append(torch.matmul(queries, state[f"memory_keys_{level}"].transpose(-1, -2))
                           + torch.matmul(queries, age_keys.transpose(-1, -2)))  # (B, H, 1, w_l*K)
             memories.append((memory_values, age_values))
             complete = state["written"][:, level - 1]  # (B,) items this level has written
             exists = complete.view(batch, 1) - level_width + torch.arange(level_width, device=x.device) >= 0
-            masks.append(exists.repeat_interleave(slots, dim=1))  # (B, w_l*K)
+            masks.append(_each_slot(exists, slots, dim=1))  # (B, w_l*K)
         mask = torch.cat(masks, dim=1).view(batch, 1, 1, -1)  # (B, 1, 1, S)
         weights = (torch.cat(scores, dim=-1) * width ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
         weights = weights.split([w0] + [v.shape[2] for v, _ in memories], dim=-1)

@@ -35,11 +35,18 @@ class PeriodicRotary(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x (..., E) rotated by integer positions broadcastable to x.shape[:-1], e.g. (P,) for x (B, H, P, E)."""
+        return self.rotate(x, *self.phases(positions, x.dtype))
+
+    def phases(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of every rotary frequency at integer ``positions``: (..., E_r/2) each."""
+        phase = (positions.to(torch.int64).remainder(self.period).unsqueeze(1) * self.multipliers) % self.period
+        angles = phase.to(torch.float32) * (2 * math.pi / self.period)  # (..., E_r/2)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (..., E) rotated by ``phases`` (several tensors at the same positions share them)."""
         if self.rotary_width == 0:
             return x
         half = self.rotary_width // 2
-        phase = (positions.to(torch.int64).remainder(self.period).unsqueeze(1) * self.multipliers) % self.period
-        angles = phase.to(torch.float32) * (2 * math.pi / self.period)  # (..., E_r/2)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         first, second, rest = x[..., :half], x[..., half:self.rotary_width], x[..., self.rotary_width:]
         return torch.cat([first * cos - second * sin, first * sin + second * cos, rest], dim=-1)
