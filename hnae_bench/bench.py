@@ -33,6 +33,7 @@ from hnae_bench.arguments import increasing_lengths, name_list, positive
 from hnae_bench import plots, report
 from hnae_bench.gradient_paths import gradient_paths_of_race
 from hnae_bench.length_generalisation import evaluate_curve, length_generalisation_of_race
+from hnae_bench.streaming_check import streaming_check_of_race
 from hnae_bench.tasks import TASK_NAMES, make_task
 from hnae_bench.train import TrainConfig, train
 
@@ -293,7 +294,8 @@ def main(argv: list[str]) -> int:
         say("interrupted: writing the report of what has run so far")
     first, first_trained = settings["tasks"][0], trained_by_task[settings["tasks"][0]]
     for key, title, run_section in (("gradient_paths", "gradient paths", gradient_paths_of_race),
-                                    ("length_generalisation", "length generalisation", length_generalisation_of_race)):
+                                    ("length_generalisation", "length generalisation", length_generalisation_of_race),
+                                    ("streaming", "streaming = parallel", streaming_check_of_race)):
         if results.get("interrupted"):
             results[key] = {"skipped": "the run was interrupted"}
         else:

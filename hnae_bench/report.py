@@ -254,6 +254,17 @@ def render_markdown(results: dict) -> str:
         lines += [length_table(generalisation), ""]
     else:
         lines += [f"Not measured: {(generalisation or {}).get('skipped', 'not run')}.", ""]
+    streaming = results.get("streaming")
+    lines += ["## Streaming equals parallel", ""]
+    if streaming and "skipped" not in streaming:
+        lines += [f"The trained hnae on {streaming['sequences']} held-out sequences of T = "
+                  f"{streaming['total_length']:,} steps, once in one call and once fed through its state in "
+                  f"{streaming['chunks']:,} chunks (single steps and sizes that straddle blocks): largest "
+                  f"difference {streaming['max_abs_difference']:.2e} "
+                  f"({'within' if streaming['equal'] else 'OVER'} the {streaming['tolerance']:g} bound); "
+                  f"one streaming step took {format_number(streaming['step_ms'])} ms (median).", ""]
+    else:
+        lines += [f"Not measured: {(streaming or {}).get('skipped', 'not run')}.", ""]
     failures = [(task, name, entry) for task, race in results["races"].items()
                 for name, entry in race["models"].items() if entry["status"] != "ok"]
     if failures:
@@ -287,3 +298,8 @@ def print_summary(results: dict, printer=print) -> None:
         for row in [RACE_HEADER, *race_rows(race)]:
             printer("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip())
     printer("\n" + results["verdict"])
+    streaming = results.get("streaming")
+    if streaming and "skipped" not in streaming:
+        printer(f"streaming: the trained hnae fed in {streaming['chunks']:,} chunks equals one call within "
+                f"{streaming['max_abs_difference']:.1e} ({'exact' if streaming['equal'] else 'NOT within'} "
+                f"the {streaming['tolerance']:g} bound)")

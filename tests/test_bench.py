@@ -50,8 +50,12 @@ def test_tiny_profile_end_to_end(tmp_path):
     assert [e["seq_len"] for e in hnae_lengths["evaluations"]] == [hnae_lengths["train_length"] * m
                                                                    for m in (1, 10, 100)]
     assert set(results["plots"].values()) == {"copy_race.png", "copy_curve.png", "gradient_paths.png"}
+    streaming = results["streaming"]  # the trained hnae, streamed in chunks, equals one call
+    assert streaming["equal"] and streaming["max_abs_difference"] <= 1e-5 and streaming["chunks"] >= 5
+    assert streaming["seq_len"] in (10, 20) and streaming["total_length"] == streaming["seq_len"] + 20
 
     text = (out / "report.md").read_text()
+    assert "## Streaming equals parallel" in text and f"{streaming['max_abs_difference']:.2e}" in text
     for name, entry in results["races"]["copy"]["models"].items():
         assert f"| {name} | ok | {entry['parameters']:,} |" in text
     assert results["machine"]["cpu"] in text and results["machine"]["torch"] in text
@@ -176,3 +180,31 @@ def test_verdict_states_ratios_and_shortfalls():
     assert "hnae/lstm = 2.5x" in short and "NOT met" in short
     none = report.verdict(_results(hnae=500, lstm=None, gru=None))
     assert "lstm solved no rung (lowest T = 50), so hnae/lstm > 10.0x" in none and "NOT" not in none
+
+
+def test_streaming_check_detects_a_model_whose_streaming_differs():
+    """The section compares real outputs: a model whose streamed output is off is reported as unequal."""
+    from hnae_bench.models import build_model
+    from hnae_bench.streaming_check import streaming_check
+    from hnae_bench.tasks import make_task
+    torch.manual_seed(0)
+    model = build_model("hnae", make_task("copy", 30), "small")
+    good = streaming_check(model, "copy", 30)
+    assert good["equal"] and good["max_abs_difference"] <= 1e-5 and good["step_ms"] > 0
+    encoder = model.body.encoder
+
+    class Drifting(torch.nn.Module):  # streams with a state, but adds 1e-3 to every chunk's output
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = model.body, model.head
+
+        def forward(self, x):
+            return model(x)
+
+        def forward_streaming(self, chunk, state):
+            hidden, state = encoder(chunk, state)
+            return model.head(hidden) + 1e-3, state
+    bad = streaming_check(Drifting(), "copy", 30)
+    assert not bad["equal"] and bad["max_abs_difference"] == pytest.approx(1e-3, rel=1e-3)
+    assert streaming_check(build_model("lstm", make_task("copy", 30), "small"), "copy", 30) == {
+        "skipped": "the model cannot stream"}
