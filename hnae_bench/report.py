@@ -260,7 +260,8 @@ def render_markdown(results: dict) -> str:
         lines += [f"The trained hnae on {streaming['sequences']} held-out sequences of T = "
                   f"{streaming['total_length']:,} steps, once in one call and once fed through its state in "
                   f"{streaming['chunks']:,} chunks (single steps and sizes that straddle blocks): largest "
-                  f"difference {streaming['max_abs_difference']:.2e} "
+                  f"difference of the {streaming['compared']} {streaming['max_abs_difference']:.2e} (largest "
+                  f"output {streaming['largest_output']:.3g}) "
                   f"({'within' if streaming['equal'] else 'OVER'} the {streaming['tolerance']:g} bound); "
                   f"one streaming step took {format_number(streaming['step_ms'])} ms (median).", ""]
     else:
