@@ -302,5 +302,5 @@ def print_summary(results: dict, printer=print) -> None:
     streaming = results.get("streaming")
     if streaming and "skipped" not in streaming:
         printer(f"streaming: the trained hnae fed in {streaming['chunks']:,} chunks equals one call within "
-                f"{streaming['max_abs_difference']:.1e} ({'exact' if streaming['equal'] else 'NOT within'} "
+                f"{streaming['max_abs_difference']:.1e} ({'within' if streaming['equal'] else 'NOT within'} "
                 f"the {streaming['tolerance']:g} bound)")
