@@ -129,10 +129,10 @@ class WritePolicy(nn.Module):
     def decide(self, level: int, values: torch.Tensor, valid: torch.Tensor, last: torch.Tensor,
                has_last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         policy = self.policies[level - 1]
+        if policy == "all":  # first: the streaming step of an "all" level does nothing more
+            return valid, values
         batch, heads, count, slots, width = values.shape
         flat = values.permute(0, 2, 1, 3, 4).reshape(batch, count, heads * slots * width)  # (B, M, F)
-        if policy == "all":
-            return valid, values
         if policy == "novelty":
             return self._novelty(flat, valid, last.reshape(batch, -1), has_last, self.thresholds[level - 1]), values
         gate = torch.sigmoid(self.gates[str(level)](flat).squeeze(-1))  # (B, M)
