@@ -254,12 +254,14 @@ class HierarchicalAttention(nn.Module):
         return output, new_state
 
     def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], position: torch.Tensor,
-             branch_free: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             branch_free: bool = False, completes: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One input per stream: x (B, D) at positions (B,) (they may differ) -> (B, D), new state.
 
         The same keys as ``forward_chunk`` sees, held in fixed-size shift registers: a
         summary is pooled when its block completes and shifted into its level's window.
         ``branch_free`` pools every step and selects with ``torch.where`` (for export).
+        ``completes``: whether a level-0 block completes at this step in some stream, when the
+        caller knows (a compiled graph per case); None finds out (a data-dependent branch).
         """
         batch, d_model = x.shape  # (B, D)
         heads, width, slots = self.num_heads, self.head_width, self.slots
@@ -307,7 +309,7 @@ class HierarchicalAttention(nn.Module):
             memory_values = state[f"memory_values_{level}"].view(memory_shape)
             had = state["written"][:, level - 1]  # (B,)
             write = candidate
-            if branch_free or bool(candidate.any()):
+            if branch_free or (bool(candidate.any()) if completes is None else completes):
                 block_shape = (batch, heads, 1, item_keys.shape[2] * item_keys.shape[3], width)
                 new_keys, new_values = self.summarise(level, item_keys.reshape(block_shape),
                                                       item_values.reshape(block_shape))  # (B, H, 1, K, E)

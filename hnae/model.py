@@ -12,6 +12,8 @@ one too); or padded input with ``lengths``. The state is an ``HNAEState``
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -170,10 +172,48 @@ class HNAE(nn.Module):
             state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
         return self._step(batched[:, 0], state, branch_free)
 
-    def _step(self, x: torch.Tensor, state: HNAEState, branch_free: bool = False):
+    def compile_step(self, **compile_options):
+        """``step`` through ``torch.compile``, for fast streaming inference.
+
+        Returns ``step(x, state=None) -> (output, state)``: the same results as
+        ``self.step``, from two compiled graphs: one for the steps where some
+        stream completes a level-0 block (its summaries are pooled), one for
+        the rest. The first call of each at each batch size, device and dtype
+        compiles: tens of seconds on a CPU, which needs a C++ compiler.
+        Calls check shapes and the state's configuration only. For inference:
+        the model must be in eval mode, with no memory trace set.
+        ``compile_options`` go to ``torch.compile`` (``dynamic=False`` unless given).
+        """
+        if self.bidirectional:
+            raise ValueError("compile_step: a bidirectional HNAE cannot stream (it needs the future)")
+        if any(getattr(block.attention, "trace", None) is not None for (block, *_) in self.layers):
+            raise RuntimeError("compile_step: a memory trace is set (hnae.trace_memory); trace with step()")
+        options = {"dynamic": False, **compile_options}
+        # Two graphs: a step where some stream completes a level-0 block (summaries pooled, then
+        # kept per stream) and the far more common step where none does (no pooling at all).
+        pooling = torch.compile(functools.partial(self._step, completes=True), **options)
+        plain = torch.compile(functools.partial(self._step, completes=False), **options)
+        dtype, first_window = self._parameter_dtype(), self.config.windows[0]
+
+        def step(x: torch.Tensor, state: HNAEState | None = None):
+            if self.training:
+                raise RuntimeError("compile_step streams for inference: call model.eval() first")
+            if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.config.input_size:
+                raise ValueError(f"x must be a tensor (B, {self.config.input_size}), got {getattr(x, 'shape', x)!r}")
+            if x.dtype != dtype:
+                raise TypeError(f"x is {x.dtype} but the model is {dtype}; convert one of them")
+            check_state(state, self.config, x.shape[0], x.device)
+            if state is None:
+                state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+            completes = bool(((state.position + 1) % first_window == 0).any())
+            return (pooling if completes else plain)(x, state)
+        return step
+
+    def _step(self, x: torch.Tensor, state: HNAEState, branch_free: bool = False, completes: bool | None = None):
         hidden, new_layers = x, []
         for index, (block,) in enumerate(self.layers):
-            hidden, layer_state = block.step(hidden, state.layers[index], state.position, branch_free)
+            hidden, layer_state = block.step(hidden, state.layers[index], state.position, branch_free,
+                                                   completes)
             new_layers.append(layer_state)
             if index < self.num_layers - 1:
                 hidden = self.between_layers(hidden)

@@ -59,13 +59,14 @@ class PerfProfile:
     stream_batch: int = 32
     matmul_size: int = 2048
     threads: int | None = None      # torch threads per measurement; None: torch's default
+    compile_step: bool = True       # also stream the reference model through HNAE.compile_step
 
 
 PROFILES = {
     "quick": PerfProfile("seconds; for tests and CI", ("hnae", "lstm"), (256, 512), batch_size=4, repeats=2,
                          max_seconds=30.0, preset="small", min_seconds=0.05, max_calls=3,
                          stream_positions=(100, 1000), stream_steps=10, stream_batch=8, matmul_size=256,
-                         threads=1),
+                         threads=1, compile_step=False),
     "default": PerfProfile("every model, T = 1k..64k, batch 8, ~0.4M parameters; 15-25 minutes on 2 CPU cores",
                            model_zoo.MODEL_NAMES, (1024, 4096, 16_384, 65_536)),
 }
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream-batch", type=positive(int), help="batch of the streaming "
                         "throughput")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming measurements")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd streaming step "
+                        "of the reference model (compiling takes tens of seconds per batch size)")
     parser.add_argument("--matmul-size", type=positive(int), help="n of the n x n matmul peak "
                         "(default: the profile's on the CPU, 8192 on CUDA)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1")
@@ -135,7 +138,8 @@ def resolve_settings(args: argparse.Namespace) -> dict:
                     memory_limit_bytes=limit, profile=args.profile, prediction_margin=PREDICTION_MARGIN,
                     flop_count_fraction=FLOP_COUNT_FRACTION,
                     stream_models=[name for name in STREAMING_MODELS if name in settings["models"]]
-                    + [perf_models.REFERENCE_STEP_MODEL])
+                    + [perf_models.REFERENCE_STEP_MODEL]
+                    + ([perf_models.REFERENCE_COMPILED] if settings["compile_step"] and not args.no_compile else []))
     return settings
 
 
@@ -143,7 +147,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
 
 def _base_job(settings: dict, kind: str) -> dict:
     keys = ("device", "dtype", "threads", "input_size", "seed", "preset", "min_seconds", "max_calls",
-            "memory_limit_bytes")
+            "repeat_below", "memory_limit_bytes")
     return {"kind": kind, **{key: settings[key] for key in keys}}
 
 

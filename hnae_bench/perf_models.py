@@ -19,6 +19,7 @@ from hnae_bench.peers import ModelUnavailable
 from hnae_bench.tasks import Task
 
 REFERENCE_STEP_MODEL = "hnae-2x128"   # hnae.HNAE(C, 128, num_layers=2), the library's default windows
+REFERENCE_COMPILED = "hnae-2x128-compiled"   # the same model, streamed through HNAE.compile_step
 
 
 class RandomFeatures(Task):
@@ -56,13 +57,14 @@ def build_perf_model(name: str, preset: str, input_size: int, max_len: int) -> n
     """The model ``name`` at ``preset``'s parameter budget, reaching ``max_len`` steps, with
     ``model_config`` filled in; seeded, so that parent and child build the same weights."""
     torch.manual_seed(0)
-    if name == REFERENCE_STEP_MODEL:
+    if name in (REFERENCE_STEP_MODEL, REFERENCE_COMPILED):
         import hnae
 
         model = hnae.HNAE(input_size, 128, num_layers=2, batch_first=True)
         model.model_config = {"name": name, "width": 128, "num_layers": 2, "windows": list(model.windows),
                               "parameters": count_parameters(model), "max_len": max_len,
-                              "receptive_field": model.receptive_field}
+                              "receptive_field": model.receptive_field,
+                              "compiled_step": name == REFERENCE_COMPILED}
         return model
     return build_model(name, RandomFeatures(max_len, input_size), preset, max_len)
 

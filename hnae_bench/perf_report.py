@@ -250,7 +250,9 @@ def markdown(results: dict) -> str:
     lines += [f"![{key}]({name})" for key, name in results.get("plots", {}).items()]
     lines += ["", "## How it was measured", "",
               "Each (model, T) and each streaming model runs in a fresh child process (forkserver); its calls are "
-              "timed after a warm-up call at T <= 256; a call over the cap is killed and reported as a timeout, and "
+              "timed after a warm-up call at T <= 256 and after the first full-size call (which also pays the "
+              "process's first touch of its memory; it alone is timed where it took over "
+              f"{settings['repeat_below']:g} s); a call over the cap is killed and reported as a timeout, and "
               "the model's longer T are skipped (also when the last T's time, scaled linearly, is over "
               f"{settings['prediction_margin']:g}x the cap). Medians are over calls within a round, then over "
               f"rounds; a call longer than {settings['repeat_below']:g} s is measured in the first round only. "

@@ -11,6 +11,7 @@ from hnae_bench.report import format_number
 
 NOT_RUN = "not run"               # the status prefix of what an interrupted run never reached
 STREAM_REFERENCE = "hnae-2x128"   # perf_models.REFERENCE_STEP_MODEL (not imported: this module reads results only)
+STREAM_REFERENCE_COMPILED = "hnae-2x128-compiled"   # the same model through HNAE.compile_step
 
 
 def short_number(value) -> str:
@@ -86,14 +87,21 @@ def evaluate_targets(results: dict) -> list[dict]:
                            " <= 1.1" if stream else "hnae streaming latency at t=100,000 / at t=1,000 <= 1.1",
                            stream["latency_last_over_first"] if stream else None, 1.1, False,
                            "" if stream else "not measured"))
-    reference = streaming.get(STREAM_REFERENCE, {}).get("summary")
-    worst = max(reference["latency_seconds"]) * 1e3 if reference else None
-    targets.append(_target(f"{STREAM_REFERENCE} step at batch 1 <= 1 ms (slowest position)", worst, 1.0, False,
-                           "" if reference else "not measured", unit=" ms"))
-    targets.append(_target(f"{STREAM_REFERENCE} streams >= 20,000 tokens/s at batch "
-                           f"{reference['stream_batch'] if reference else settings['stream_batch']}",
-                           reference["batch_tokens_per_second"] if reference else None, 20_000, True,
-                           "" if reference else "not measured", unit=" tokens/s"))
+    # the reference model streams eagerly and through HNAE.compile_step: the faster of the two counts
+    references = {name: streaming[name]["summary"] for name in (STREAM_REFERENCE, STREAM_REFERENCE_COMPILED)
+                  if "summary" in streaming.get(name, {})}
+    latency = {name: max(summary["latency_seconds"]) * 1e3 for name, summary in references.items()}
+    fastest = min(latency, key=latency.get) if latency else None
+    targets.append(_target(f"{STREAM_REFERENCE} step at batch 1 <= 1 ms (slowest position)",
+                           latency.get(fastest), 1.0, False,
+                           "; ".join(f"{name} {value:.2f} ms" for name, value in latency.items()) or "not measured",
+                           unit=" ms"))
+    rate = {name: summary["batch_tokens_per_second"] for name, summary in references.items()}
+    best = max(rate, key=rate.get) if rate else None
+    targets.append(_target(f"{STREAM_REFERENCE} streams >= 20,000 tokens/s at batch {settings['stream_batch']}",
+                           rate.get(best), 20_000, True,
+                           "; ".join(f"{name} {value:,.0f}" for name, value in rate.items()) or "not measured",
+                           unit=" tokens/s"))
     return targets
 
 

@@ -1,0 +1,40 @@
+"""``HNAE.compile_step``: the torch.compile'd streaming step gives ``forward``'s outputs and state."""
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import random_input, tiny_model
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="torch.compile on the CPU needs a C++ compiler")
+
+
+def test_compiled_step_equals_parallel_forward_across_blocks():
+    model = tiny_model(windows=(3, 2, 2), num_layers=2, write_policy=("novelty", "all"), threshold=0.5)
+    x = random_input(2, 17, 5)   # 17 steps: level-1 and level-2 blocks complete along the way
+    with torch.no_grad():
+        expected, expected_state = model(x)
+        step = model.compile_step()
+        state, outputs = None, []
+        for t in range(x.shape[1]):
+            output, state = step(x[:, t], state)
+            outputs.append(output)
+    assert torch.allclose(torch.stack(outputs, dim=1), expected, atol=1e-5)
+    for got, want in zip(state.tensors(), expected_state.tensors()):
+        assert torch.equal(got, want) if got.dtype == torch.int64 else torch.allclose(got, want, atol=1e-5)
+
+
+def test_compiled_step_refuses_what_it_cannot_do():
+    model = tiny_model()
+    step = model.compile_step()
+    with pytest.raises(ValueError, match="x must be a tensor"):
+        step(torch.zeros(2, 3, 5))
+    with pytest.raises(TypeError, match="float64"):
+        step(torch.zeros(2, 5, dtype=torch.float64))
+    model.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        step(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="bidirectional"):
+        tiny_model(bidirectional=True).compile_step()
