@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream-batch", type=positive(int), help="batch of the streaming "
                         "throughput")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming measurements")
+    parser.add_argument("--compile", action="store_true", help="train every model but nn.LSTM / nn.GRU "
+                        "through torch.compile (compiled once per T, before timing; inference stays eager)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd streaming step "
                         "of the reference model (compiling takes tens of seconds per batch size)")
     parser.add_argument("--matmul-size", type=positive(int), help="n of the n x n matmul peak "
@@ -134,7 +136,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     limit = int(args.memory_limit_gb * 2 ** 30) if args.memory_limit_gb else int(0.8 * available)
     settings.update(models=list(settings["models"]), seq_lens=list(settings["seq_lens"]),
                     stream_positions=list(settings["stream_positions"]), device=args.device, dtype=args.dtype,
-                    input_size=args.input_size, seed=args.seed, stream=not args.no_stream,
+                    input_size=args.input_size, seed=args.seed, stream=not args.no_stream, compile=args.compile,
                     memory_limit_bytes=limit, profile=args.profile, prediction_margin=PREDICTION_MARGIN,
                     flop_count_fraction=FLOP_COUNT_FRACTION,
                     stream_models=[name for name in STREAMING_MODELS if name in settings["models"]]
@@ -147,7 +149,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
 
 def _base_job(settings: dict, kind: str) -> dict:
     keys = ("device", "dtype", "threads", "input_size", "seed", "preset", "min_seconds", "max_calls",
-            "repeat_below", "memory_limit_bytes")
+            "repeat_below", "memory_limit_bytes", "compile")
     return {"kind": kind, **{key: settings[key] for key in keys}}
 
 

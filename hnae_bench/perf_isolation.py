@@ -41,8 +41,8 @@ def run_isolated(context, job: dict, max_seconds: float, load_seconds: float = L
     """Run ``job`` in a child process: its result dict, or status 'timeout' / 'oom' / 'error' with an error text.
 
     Each phase the child reports (warm-up, the timed calls, ...) may take
-    ``max_seconds``; starting and building the model may take ``load_seconds``
-    more. The result's ``phase_seconds`` gives the wall-clock time of each phase.
+    ``max_seconds``; starting and building the model, and a phase named
+    "compile...", may take ``load_seconds`` more. The result's ``phase_seconds`` gives the wall-clock time of each phase.
     A timeout after a phase that carried partial results returns those, status
     'ok', with ``cut_short`` naming the phase that ran over. ``target``: the
     child's entry, ``child_main`` unless a test stands in for it.
@@ -69,7 +69,8 @@ def run_isolated(context, job: dict, max_seconds: float, load_seconds: float = L
                 if message[0] == "phase":
                     phases[phase] = time.monotonic() - phase_started
                     phase, phase_started, partial = message[1], time.monotonic(), message[2] or partial
-                    deadline = phase_started + max_seconds
+                    # compiling (torch.compile) is not timed: it gets the load allowance on top
+                    deadline = phase_started + max_seconds + (load_seconds if phase.startswith("compile") else 0)
                 else:
                     result = message[1]
             elif not process.is_alive() and not receiver.poll(0):

@@ -181,21 +181,30 @@ def measure_training(job: dict, phase) -> dict:
     generator = torch.Generator().manual_seed(job["seed"])
     x = torch.randn(batch, steps, job["input_size"], generator=generator).to(device)   # (B, T, C)
 
+    # --compile: training calls go through torch.compile (one graph at this T); inference and the
+    # FLOP count stay eager. nn.LSTM / nn.GRU keep their fused oneDNN / cuDNN kernels.
+    compiled = job.get("compile") and getattr(getattr(model, "body", None), "rnn", None) is None
+    trained = torch.compile(model, dynamic=False) if compiled else model
+
     def train_call(inputs: torch.Tensor) -> None:
         model.zero_grad(set_to_none=True)
         with autocast(device, dtype):
-            output = model(inputs)   # (B, T, K)
+            output = trained(inputs)   # (B, T, K)
         output.float().pow(2).mean().backward()
 
     def inference_call(inputs: torch.Tensor) -> None:
         with torch.no_grad(), autocast(device, dtype):
             model(inputs)
 
+    if compiled:   # one graph, at the full T: the warm-up call compiles it
+        phase("compile")
+        timed(lambda: train_call(x), device)
     phase("warmup")
     warm = x[:, :min(steps, WARMUP_STEPS)]   # (B, <=256, C)
-    timed(lambda: train_call(warm), device)
+    if not compiled:
+        timed(lambda: train_call(warm), device)
     timed(lambda: inference_call(warm), device)
-    result = {"tokens": batch * steps, "threads": torch.get_num_threads()}
+    result = {"tokens": batch * steps, "threads": torch.get_num_threads(), "compiled": bool(compiled)}
     for kind, call in (("train", train_call), ("inference", inference_call)):
         model.train(kind == "train")
         phase(kind)

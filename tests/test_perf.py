@@ -231,3 +231,32 @@ def test_bad_arguments_are_refused(capsys):
     if not torch.cuda.is_available():
         assert perf.main(["--device", "cuda"]) == 2
         assert "--device cuda" in capsys.readouterr().err
+
+
+def _compile_phase_longer_than_the_cap(connection, job):
+    """A stand-in child: a compile phase longer than the timing cap, then a result."""
+    connection.send(("phase", "compile", None))
+    time.sleep(1.0)
+    connection.send(("result", {"status": "ok"}))
+
+
+def test_a_compile_phase_gets_the_load_allowance_and_a_timed_phase_does_not():
+    context = multiprocessing.get_context("fork")   # safe here: the child runs no torch work
+    result = perf_isolation.run_isolated(context, {}, max_seconds=0.5, load_seconds=2.0,
+                                         target=_compile_phase_longer_than_the_cap)
+    assert result["status"] == "ok" and result["phase_seconds"]["compile"] >= 1.0
+    result = perf_isolation.run_isolated(context, {}, max_seconds=0.5, load_seconds=0.2,
+                                         target=_compile_phase_longer_than_the_cap)
+    assert result["status"] == "timeout" and "compile ran over" in result["error"]
+
+
+def test_compile_trains_hnae_through_torch_compile_and_leaves_lstm_eager():
+    pytest.importorskip("torch._inductor")
+    base = {"kind": "train", "device": "cpu", "dtype": "fp32", "threads": 1, "input_size": 4, "seed": 0,
+            "preset": "small", "min_seconds": 0.0, "max_calls": 1, "repeat_below": 15.0, "max_len": 64,
+            "seq_len": 64, "batch_size": 2, "count_flops": False, "count_flops_below": 1.0, "compile": True}
+    phases = []
+    hnae_result = perf_measure.measure_training({**base, "name": "hnae"}, lambda *a: phases.append(a[0]))
+    assert hnae_result["compiled"] is True and phases[0] == "compile" and hnae_result["train_seconds"][0] > 0
+    lstm_result = perf_measure.measure_training({**base, "name": "lstm"}, lambda *a: None)
+    assert lstm_result["compiled"] is False
