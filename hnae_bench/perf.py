@@ -35,6 +35,7 @@ from hnae_bench.perf_isolation import forkserver_context, run_isolated
 from hnae_bench import models as model_zoo
 from hnae_bench.report import describe_machine
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 STREAMING_MODELS = ("hnae", "lstm", "gru")   # the families with a step; plus perf_models.REFERENCE_STEP_MODEL
 PREDICTION_MARGIN = 1.5     # skip T when the last T's call, scaled linearly, is over this many caps
 FLOP_COUNT_FRACTION = 0.25  # FLOPs are counted (first round) where a training call took under this many caps
@@ -92,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stream-batch", type=positive(int), help="batch of the streaming "
                         "throughput")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming measurements")
-    parser.add_argument("--compile", action="store_true", help="train every model but nn.LSTM / nn.GRU "
-                        "through torch.compile (compiled once per T, before timing; inference stays eager)")
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
+                        help="train every model but nn.LSTM / nn.GRU through torch.compile (compiled once per "
+                        "T, before timing; inference stays eager); MODE: one of torch.compile's modes "
+                        f"({', '.join(COMPILE_MODES)}; default: default)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd streaming step "
                         "of the reference model (compiling takes tens of seconds per batch size)")
     parser.add_argument("--matmul-size", type=positive(int), help="n of the n x n matmul peak "

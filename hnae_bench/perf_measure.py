@@ -184,7 +184,7 @@ def measure_training(job: dict, phase) -> dict:
     # --compile: training calls go through torch.compile (one graph at this T); inference and the
     # FLOP count stay eager. nn.LSTM / nn.GRU keep their fused oneDNN / cuDNN kernels.
     compiled = job.get("compile") and getattr(getattr(model, "body", None), "rnn", None) is None
-    trained = torch.compile(model, dynamic=False) if compiled else model
+    trained = torch.compile(model, dynamic=False, mode=job["compile"]) if compiled else model
 
     def train_call(inputs: torch.Tensor) -> None:
         model.zero_grad(set_to_none=True)

@@ -230,8 +230,8 @@ def markdown(results: dict) -> str:
         f"preset {settings['preset']}, precision {settings['dtype']}, {settings['repeats']} interleaved rounds, "
         f"{settings['max_seconds']:g} s cap per timed call, torch threads "
         f"{settings['threads'] or 'default'}"
-        + ("; training through torch.compile for every model but nn.LSTM / nn.GRU (compiled before timing; "
-           "inference eager)" if settings.get("compile") else "") + ".", "",
+        + (f"; training through torch.compile (mode {settings['compile']}) for every model but nn.LSTM / nn.GRU "
+           "(compiled before timing; inference eager)" if settings.get("compile") else "") + ".", "",
         f"Matmul peak ({peak['size']} x {peak['size']} {peak['dtype']}, best call, median over rounds): "
         f"{format_number(peak['flops_per_second'])} FLOP/s.", "",
         "## Targets", "", *[f"- **{line.split(':', 1)[0]}**:{line.split(':', 1)[1]}" for line in target_lines(results)],

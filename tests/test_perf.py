@@ -254,7 +254,7 @@ def test_compile_trains_hnae_through_torch_compile_and_leaves_lstm_eager():
     pytest.importorskip("torch._inductor")
     base = {"kind": "train", "device": "cpu", "dtype": "fp32", "threads": 1, "input_size": 4, "seed": 0,
             "preset": "small", "min_seconds": 0.0, "max_calls": 1, "repeat_below": 15.0, "max_len": 64,
-            "seq_len": 64, "batch_size": 2, "count_flops": False, "count_flops_below": 1.0, "compile": True}
+            "seq_len": 64, "batch_size": 2, "count_flops": False, "count_flops_below": 1.0, "compile": "default"}
     phases = []
     hnae_result = perf_measure.measure_training({**base, "name": "hnae"}, lambda *a: phases.append(a[0]))
     assert hnae_result["compiled"] is True and phases[0] == "compile" and hnae_result["train_seconds"][0] > 0
