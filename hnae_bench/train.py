@@ -46,7 +46,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "eval_seed"]
 GRADIENT_CLIP_NORM = 1.0
 # Fields a resumed run must share with the run that wrote the checkpoint.
 RESUME_MUST_MATCH = ("task", "seq_len", "model", "preset", "batch_size", "lr", "seed", "curriculum", "ladder",
-                     "task_options")
+                     "task_options", "length_jitter")
 
 
 GENERALISE_SEQUENCES = 16  # sequences per --generalise length
@@ -150,7 +150,7 @@ class Trainer:
         checkpoint = load_checkpoint(path)
         saved = checkpoint.config.get("train", {})
         for name in RESUME_MUST_MATCH:
-            if saved.get(name) != self.config.to_json()[name]:
+            if saved.get(name, 0 if name == "length_jitter" else None) != self.config.to_json()[name]:
                 raise CheckpointError(f"cannot resume {path}: it was trained with {name}={saved.get(name)!r}, "
                                  f"this run asks for {name}={self.config.to_json()[name]!r}")
         try:
@@ -177,14 +177,23 @@ class Trainer:
 
     # ----------------------------------------------------------------- training and evaluation
 
-    def _batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.task.sample(self.config.batch_size, generator)  # x (B, T, in): the global batch
+    def _batch(self, generator: torch.Generator, task=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = (task or self.task).sample(self.config.batch_size, generator)  # x (B, T, in): the global batch
         return x[self.rows].to(self.device), y[self.rows].to(self.device)  # this rank's rows
 
+    def _training_task(self):
+        """The rung's task, or with length_jitter the task at a length drawn from [T - jitter, T]."""
+        jitter = min(self.config.length_jitter, self.task.seq_len - 1)
+        if jitter == 0:
+            return self.task
+        shorter = int(torch.randint(0, jitter + 1, (1,), generator=self.data_generator))
+        return make_task(self.config.task, self.task.seq_len - shorter, **self.config.task_options)
+
     def train_step(self) -> torch.Tensor:
-        x, y = self._batch(self.data_generator)
+        task = self._training_task()
+        x, y = self._batch(self.data_generator, task)
         output = self.wrapped(x)  # (B_rank, T, out)
-        loss = self.task.loss(output, y) + WRITE_PENALTY_WEIGHT * self.model.write_penalty()
+        loss = task.loss(output, y) + WRITE_PENALTY_WEIGHT * self.model.write_penalty()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRADIENT_CLIP_NORM)

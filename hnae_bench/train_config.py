@@ -50,6 +50,9 @@ class TrainConfig:
     threshold: float | None = None  # novelty: cosine similarity at or above which a summary is skipped
     budget: float | None = None  # learned: target fraction of summaries written
     generalise: tuple[int, ...] = ()  # after training, evaluate the model at these seq_lens too
+    # each training batch takes a length drawn from [T - length_jitter, T] (evaluation: T), so the end of
+    # the sequence falls at every place of hnae's level-0 blocks; 0: every batch at T
+    length_jitter: int = 0
 
     def __post_init__(self):
         for name, choices in (("task", TASK_NAMES), ("model", MODEL_NAMES), ("preset", PRESETS)):
@@ -64,6 +67,8 @@ class TrainConfig:
             raise ValueError("give steps or time_budget (or both): training needs a limit")
         for name in ("batch_size", "eval_every", "eval_batches", "checkpoint_every"):
             _positive_int(name, getattr(self, name))
+        if isinstance(self.length_jitter, bool) or not isinstance(self.length_jitter, int) or self.length_jitter < 0:
+            raise ValueError(f"length_jitter must be an int >= 0, got {self.length_jitter!r}")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (0 < self.lr < math.inf):
             raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:

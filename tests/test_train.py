@@ -256,6 +256,7 @@ def test_curriculum_state_round_trips():
     (dict(model="hnae", write_policy="novelty", threshold=2.0), "threshold"),
     (dict(model="hnae", write_policy="sometimes"), "write_policy"),
     (dict(generalise=(0,)), "generalise"),
+    (dict(length_jitter=-1), "length_jitter"),
 ])
 def test_config_is_validated_loudly(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -297,3 +298,23 @@ def test_generalise_evaluates_the_trained_model_at_other_lengths(tmp_path):
     assert all(0.0 <= record["metrics"]["accuracy"] <= 1.0 for record in result.generalisation)
     logged = [r for r in read_metrics(tmp_path) if r.get("event") == "generalisation"]
     assert [r["seq_len"] for r in logged] == [10, 40] and logged[1]["total_length"] == 60
+
+
+def test_length_jitter_trains_each_batch_at_a_length_in_range_and_resumes_exactly(tmp_path, monkeypatch):
+    from hnae_bench import train as train_module
+    lengths = []
+    real_make_task = train_module.make_task
+
+    def recording_make_task(name, seq_len, **options):
+        lengths.append(seq_len)
+        return real_make_task(name, seq_len, **options)
+
+    monkeypatch.setattr(train_module, "make_task", recording_make_task)
+    whole = train(tiny(seq_len=12, length_jitter=4, steps=10, out=str(tmp_path / "whole")))
+    drawn = lengths[2:]   # after the rung's task and the longest one, built at the start
+    assert set(drawn) <= set(range(8, 13)) and len(set(drawn)) >= 3   # 10 draws from 5 lengths
+    train(tiny(seq_len=12, length_jitter=4, steps=5, out=str(tmp_path / "split")))
+    resumed = train(tiny(seq_len=12, length_jitter=4, steps=10, out=str(tmp_path / "split"), resume=True))
+    assert_same_tensors(whole.model.state_dict(), resumed.model.state_dict())
+    with pytest.raises(CheckpointError, match="length_jitter"):
+        train(tiny(seq_len=12, length_jitter=2, steps=12, out=str(tmp_path / "split"), resume=True))
