@@ -25,6 +25,11 @@ from .state import HNAEState, fresh_layer_state
 from .validation import check_input, check_lengths, check_state
 
 
+# Elements (B x steps x hidden_size) per time chunk of a long call on the CPU: at 2**20 (4 MiB in fp32)
+# a training call at T = 16k, batch 8, width 88 ran 1.6x faster than in one chunk (2-core EPYC).
+CPU_CHUNK_ELEMENTS = 1 << 20
+
+
 class HNAE(nn.Module):
     """Hierarchical neural attention encoder with nn.LSTM's constructor and call.
 
@@ -68,6 +73,11 @@ class HNAE(nn.Module):
                 for _ in range(config.num_directions))
             for index in range(num_layers))
         self.between_layers = nn.Dropout(float(dropout))
+        # Time chunks of a long causal call (exact: a chunk continues the state of the last).
+        # None: on the CPU, chunks of about CPU_CHUNK_ELEMENTS / (B * hidden_size) steps, so that
+        # intermediates stay small enough for the allocator to reuse them instead of mapping and
+        # faulting in fresh pages each call; elsewhere one chunk. 0: one chunk; n > 0: n steps.
+        self.time_chunk: int | None = None
 
     # ----------------------------------------------------------------- reach
     @property
@@ -227,6 +237,31 @@ class HNAE(nn.Module):
         positions = state.position
         if bool((positions != positions[0]).any()):
             return self._causal_by_position(x, state, lengths)
+        chunk = self._chunk_length(x)
+        if lengths is None and chunk < x.shape[1]:
+            outputs = []
+            for begin in range(0, x.shape[1], chunk):
+                output, state = self._causal_chunk(x[:, begin:begin + chunk], state, None)
+                outputs.append(output)
+            return torch.cat(outputs, dim=1), state
+        return self._causal_chunk(x, state, lengths)
+
+    def _chunk_length(self, x: torch.Tensor) -> int:
+        """Steps per chunk of a causal call over x (B, T, F): see ``time_chunk``."""
+        if self.time_chunk is not None:
+            if isinstance(self.time_chunk, bool) or not isinstance(self.time_chunk, int) or self.time_chunk < 0:
+                raise ValueError(f"time_chunk must be None or an int >= 0, got {self.time_chunk!r}")
+            return self.time_chunk or x.shape[1]
+        tracing = any(block.attention.trace is not None for (block, *_) in self.layers)
+        if x.device.type != "cpu" or tracing:
+            return x.shape[1]
+        first_window = self.config.windows[0]
+        steps = CPU_CHUNK_ELEMENTS // (x.shape[0] * self.config.hidden_size)
+        return max(first_window, steps // first_window * first_window)
+
+    def _causal_chunk(self, x: torch.Tensor, state: HNAEState, lengths) -> tuple[torch.Tensor, HNAEState]:
+        """One causal call of the stack over x (B, T, F), every stream at the same position."""
+        positions = state.position
         steps = x.shape[1]
         start = int(positions[0])
         end = start + steps if lengths is None else positions + lengths  # int, or (B,) per stream
