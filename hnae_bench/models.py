@@ -35,7 +35,7 @@ RECURRENT_DEPTH = {'small': 1, 'large': 2}   # layers of nn.LSTM / nn.GRU
 HNAE_DEPTH = {'small': 2, 'large': 3}        # hnae layers: large trades a layer for width (matmul-bound)
 # windows of levels >= 1; levels are added to cover max_len. large: 16 keeps the summary keys of a
 # block few (S = 2*64 + 16*2 per level), so attention stays a small share of the step.
-# T=4k, 2-core EPYC, ~0.42M parameters, tokens/s vs nn.LSTM in one run: 4 layers, windows
+# T=4k, 2-core EPYC, ~0.42M parameters, scripts/preset_ab.py, tokens/s vs nn.LSTM: 4 layers, windows
 # (64, 64, 64) 0.87x; 4 layers (64, 16, 16, 16) 1.03x; 3 layers (64, 16, 16, 16) 1.07x.
 HNAE_WINDOWS = {'small': 8, 'large': 16}
 HNAE_FIRST_WINDOW = {'small': 128, 'large': 64}  # level 0: a wide local window learns recall fast
