@@ -117,3 +117,15 @@ def test_cuda_training_step_inside_one_block():
     output, _ = model(x)
     output.pow(2).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_cuda_compiled_step_equals_parallel_forward():
+    model = tiny_model(windows=(3, 2), num_layers=2).cuda()
+    x = random_input(2, 11, 5).cuda()   # (B, T, C): level-0 and level-1 blocks complete along the way
+    with torch.no_grad():
+        expected, _ = model(x)
+        step, state, outputs = model.compile_step(), None, []
+        for t in range(x.shape[1]):
+            output, state = step(x[:, t], state)
+            outputs.append(output)
+    torch.testing.assert_close(torch.stack(outputs, dim=1), expected, atol=1e-5, rtol=1e-4)
