@@ -33,6 +33,7 @@ from hnae_bench.arguments import increasing_lengths, name_list, positive
 from hnae_bench import plots, report
 from hnae_bench.gradient_paths import gradient_paths_of_race
 from hnae_bench.length_generalisation import evaluate_curve, length_generalisation_of_race
+from hnae_bench.speed_check import speed_check
 from hnae_bench.streaming_check import streaming_check_of_race
 from hnae_bench.tasks import TASK_NAMES, make_task
 from hnae_bench.train import TrainConfig, train
@@ -61,6 +62,9 @@ class Profile:
     length_seconds: float = 60.0  # the whole length-generalisation section
     length_sequences: int = 16
     task_options: dict = field(default_factory=dict)  # task name -> options for make_task
+    speed_seq_lens: tuple[int, ...] = ()  # the speed section: hnae vs nn.LSTM training tokens/s at these T
+    speed_preset: str = "large"
+    speed_options: tuple[str, ...] = ()  # more `hnae bench perf` arguments for that section
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -72,10 +76,13 @@ PROFILES = {
     "tiny": Profile("seconds; for tests and a smoke check", ("hnae", "lstm"), {"copy": (10, 20)},
                     time_budget=3.0, batch_size=8, eval_every=10, eval_batches=1, curve_seconds=2.0,
                     curve_sequences=8, gradient_seq_len=20, gradient_samples=1, length_seconds=4.0,
-                    length_sequences=4),
-    # 5 x (130 s training + <= 10 s curve) + gradients (~30 s) + lengths (<= 60 s): about 14 minutes.
-    "default": Profile("the copy race on 2 CPU cores in at most 15 minutes", CORE_MODELS,
-                       {"copy": COPY_LADDER}, time_budget=130.0, gradient_samples=1),
+                    length_sequences=4, speed_seq_lens=(64,), speed_preset="small",
+                    speed_options=("--batch-size", "2", "--threads", "1", "--matmul-size", "128")),
+    # 5 x (130 s training + <= 10 s curve) + gradients (~30 s) + lengths (<= 60 s) + speed (~2 min):
+    # about 13 minutes on a 2-core EPYC.
+    "default": Profile("the copy race and a speed check on 2 CPU cores in at most 15 minutes", CORE_MODELS,
+                       {"copy": COPY_LADDER}, time_budget=130.0, gradient_samples=1,
+                       speed_seq_lens=(4096, 16384), speed_options=("--min-seconds", "6")),
     # 5 x 2 x (300 s + 15 s) + sections: about an hour.
     "long": Profile("copy and adding on the CPU in about an hour", CORE_MODELS,
                     {"copy": COPY_LADDER + (10000,), "adding": (50, 100, 200, 500, 1000)},
@@ -300,6 +307,8 @@ def main(argv: list[str]) -> int:
             results[key] = {"skipped": "the run was interrupted"}
         else:
             results[key] = _run_section(title, lambda: run_section(first, first_trained, settings), say)
+    results["speed"] = ({"skipped": "the run was interrupted"} if results.get("interrupted") else
+                        _run_section("speed", lambda: speed_check(settings, out_dir), say))
     results["verdict"] = report.verdict(results)
     results["plots"] = _make_plots(results, out_dir, say)
     results["seconds_total"] = time.perf_counter() - started

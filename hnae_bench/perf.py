@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive(int))
     parser.add_argument("--repeats", type=positive(int), help="interleaved rounds")
     parser.add_argument("--max-seconds", type=positive(float), help="cap per timed call")
+    parser.add_argument("--min-seconds", type=positive(float), help="timed calls of one measurement fill at "
+                        "least this much (more calls, a steadier median)")
     parser.add_argument("--preset", choices=model_zoo.PRESETS, help="parameter budget (default: the profile's)")
     parser.add_argument("--stream-positions", type=increasing_lengths,
                         help="stream positions of the batch-1 step latency, e.g. 1000,10000,100000")
@@ -119,7 +121,7 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     """The profile narrowed by the command line: everything the run needs, JSON-ready."""
     profile = PROFILES[args.profile]
     settings = {field.name: getattr(profile, field.name) for field in dataclasses.fields(profile)}
-    for key in ("models", "seq_lens", "batch_size", "repeats", "max_seconds", "preset", "stream_positions",
+    for key in ("models", "seq_lens", "batch_size", "repeats", "max_seconds", "min_seconds", "preset", "stream_positions",
                 "stream_steps", "stream_batch", "matmul_size", "threads"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)

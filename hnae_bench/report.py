@@ -266,6 +266,7 @@ def render_markdown(results: dict) -> str:
                   f"one streaming step took {format_number(streaming['step_ms'])} ms (median).", ""]
     else:
         lines += [f"Not measured: {(streaming or {}).get('skipped', 'not run')}.", ""]
+    lines += speed_lines(results.get("speed"))
     failures = [(task, name, entry) for task, race in results["races"].items()
                 for name, entry in race["models"].items() if entry["status"] != "ok"]
     if failures:
@@ -274,6 +275,19 @@ def render_markdown(results: dict) -> str:
                   in failures]
         lines += [""]
     return "\n".join(lines)
+
+
+def speed_lines(speed: dict | None) -> list[str]:
+    """The report's speed section: hnae against nn.LSTM in training tokens/s at long T."""
+    lines = ["## Speed: training tokens/s against nn.LSTM", ""]
+    if not speed or "skipped" in speed:
+        return lines + [f"Not measured: {(speed or {}).get('skipped', 'not run')}.", ""]
+    rows = [[f"{row['seq_len']:,}", format_number(row["hnae"]) if row["hnae"] else row["status"]["hnae"],
+             format_number(row["lstm"]) if row["lstm"] else row["status"]["lstm"],
+             f"{row['ratio']:.2f}x" if row["ratio"] else "-"] for row in speed["rows"]]
+    return lines + [f"`{speed['command']}` (preset {speed['preset']}, one round; its report: "
+                    f"[{speed['report']}]({speed['report']})):", "",
+                    markdown_table(["T", "hnae tokens/s", "nn.LSTM tokens/s", "hnae / lstm"], rows), ""]
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -304,3 +318,8 @@ def print_summary(results: dict, printer=print) -> None:
         printer(f"streaming: the trained hnae fed in {streaming['chunks']:,} chunks equals one call within "
                 f"{streaming['max_abs_difference']:.1e} ({'within' if streaming['equal'] else 'NOT within'} "
                 f"the {streaming['tolerance']:g} bound)")
+    speed = results.get("speed")
+    if speed and "skipped" not in speed:
+        printer("speed (training tokens/s, preset " + speed["preset"] + "): " + ", ".join(
+            f"T={row['seq_len']:,} hnae/lstm {row['ratio']:.2f}x" if row["ratio"] else f"T={row['seq_len']:,} -"
+            for row in speed["rows"]))

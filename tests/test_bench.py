@@ -54,7 +54,14 @@ def test_tiny_profile_end_to_end(tmp_path):
     assert streaming["equal"] and streaming["max_abs_difference"] <= 1e-5 and streaming["chunks"] >= 5
     assert streaming["seq_len"] in (10, 20) and streaming["total_length"] == streaming["seq_len"] + 20
 
+    speed = results["speed"]   # hnae and nn.LSTM measured by `hnae bench perf`, its report beside this one
+    [row] = speed["rows"]
+    assert row["seq_len"] == 64 and row["hnae"] > 0 and row["lstm"] > 0
+    assert row["ratio"] == pytest.approx(row["hnae"] / row["lstm"])
+    assert (out / "perf" / "report.md").is_file() and speed["command"].startswith("hnae bench perf --models hnae,lstm")
+
     text = (out / "report.md").read_text()
+    assert "## Speed: training tokens/s against nn.LSTM" in text and f"{row['ratio']:.2f}x" in text
     assert "## Streaming equals parallel" in text and f"{streaming['max_abs_difference']:.2e}" in text
     for name, entry in results["races"]["copy"]["models"].items():
         assert f"| {name} | ok | {entry['parameters']:,} |" in text
