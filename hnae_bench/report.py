@@ -282,8 +282,8 @@ def speed_lines(speed: dict | None) -> list[str]:
     lines = ["## Speed: training tokens/s against nn.LSTM", ""]
     if not speed or "skipped" in speed:
         return lines + [f"Not measured: {(speed or {}).get('skipped', 'not run')}.", ""]
-    rows = [[f"{row['seq_len']:,}", format_number(row["hnae"]) if row["hnae"] else row["status"]["hnae"],
-             format_number(row["lstm"]) if row["lstm"] else row["status"]["lstm"],
+    rows = [[f"{row['seq_len']:,}", f"{row['hnae']:,.0f}" if row["hnae"] else row["status"]["hnae"],
+             f"{row['lstm']:,.0f}" if row["lstm"] else row["status"]["lstm"],
              f"{row['ratio']:.2f}x" if row["ratio"] else "-"] for row in speed["rows"]]
     return lines + [f"`{speed['command']}` (preset {speed['preset']}, one round; its report: "
                     f"[{speed['report']}]({speed['report']})):", "",
