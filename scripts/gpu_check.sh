@@ -8,10 +8,8 @@
 # Writes into ${OUT:-runs/gpu}: machine.txt, pytest.log, perf.log and perf/ (report.md, perf.json, PNGs).
 # Exit status: 0 when the tests passed (or pytest is missing) and the bench wrote its report, else 1.
 set -u
-cd "$(dirname "$0")/.." || exit 1
-PYTHON="${PYTHON:-python3}"
+source "$(dirname "$0")/gpu_common.sh"
 OUT_DIR="${OUT:-runs/gpu}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR"
 status=0
 
@@ -37,14 +35,8 @@ else
 fi
 
 # 2. The perf bench on the GPU; SIGINT at 220 s makes it write the report of what has run by then.
-#    `python -m hnae bench perf` needs matplotlib (the bench command imports it); without it the same
-#    command runs as `python -m hnae_bench.perf` and the report comes without plots.
-if "$PYTHON" -c "import matplotlib" 2>/dev/null; then
-    command=(-m hnae bench perf)
-else
-    command=(-m hnae_bench.perf)
-fi
-timeout -s INT -k 30 220 "$PYTHON" "${command[@]}" --device cuda --dtype bf16 \
+#    Without matplotlib it runs as `python -m hnae_bench.perf` (gpu_common.sh) and has no plots.
+timeout -s INT -k 30 220 "$PYTHON" "${perf_command[@]}" --device cuda --dtype bf16 \
     --models hnae,lstm,gru,tcn,transformer,mamba,xlstm,htransformer --seq-lens 1024,4096,16384,65536 \
     --batch-size 8 --repeats 2 --max-seconds 20 --stream-steps 100 --no-compile --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/perf.log"
 test -s "$OUT_DIR/perf/report.md" || status=1

@@ -7,11 +7,9 @@
 # Installs nothing from the network: where safetensors/tqdm are missing it installs the wheels
 # found in build/wheels (download them beforehand with `pip download`).
 set -u
-cd "$(dirname "$0")/.." || exit 1
-PYTHON="${PYTHON:-python3}"
+source "$(dirname "$0")/gpu_common.sh"
 OUT_DIR="${OUT:-runs/gpu-copy}"
 BUDGET="${SECONDS_BUDGET:-380}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR"
 "$PYTHON" -c "import safetensors, tqdm" 2>/dev/null \
     || "$PYTHON" -m pip install -q --no-index --find-links build/wheels safetensors tqdm 2>&1 | tail -2
