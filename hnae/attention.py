@@ -66,6 +66,36 @@ def take_windows(stream: torch.Tensor, time_dim: int, stream_start: int, first, 
     return picked.movedim(1, time_dim)
 
 
+def _times_shared(batched: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """batched (B, H, 1, X) @ shared (H, X, Y) -> (B, H, 1, Y), one matmul per head.
+
+    ``torch.matmul`` would broadcast ``shared`` to (B, H, X, Y) and copy it for every stream.
+    """
+    per_head = torch.bmm(batched.squeeze(2).transpose(0, 1), shared)  # (H, B, Y)
+    return per_head.transpose(0, 1).unsqueeze(2)
+
+
+def ring_from_ordered(ordered: torch.Tensor, end) -> torch.Tensor:
+    """The last w inputs before ``end``, oldest first (B, H, w, E) -> the ring layout of ``hnae.state``.
+
+    In the ring, the input at position p sits at slot p mod w. ``end``: an int, or (B,) per stream.
+    """
+    width = ordered.shape[2]
+    if isinstance(end, int):
+        return torch.roll(ordered, end % width, dims=2)
+    index = (torch.arange(width, device=ordered.device) - end.view(-1, 1)) % width  # (B, w)
+    return ordered.gather(2, index.view(-1, 1, width, 1).expand_as(ordered))
+
+
+RING_WRITES = ("copy", "in_place", "defer")
+
+
+def ring_write(ring: torch.Tensor, slot: torch.Tensor, item: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """ring (B, H, w, E) with item (B, H, 1, E) written at slot (B,) of each stream."""
+    index = slot.view(-1, 1, 1, 1).expand_as(item)
+    return ring.scatter_(2, index, item) if in_place else ring.scatter(2, index, item)
+
+
 class HierarchicalAttention(nn.Module):
     """Causal attention over a hierarchy of windows and block summaries.
 
@@ -107,6 +137,14 @@ class HierarchicalAttention(nn.Module):
         self.trace: list | None = None  # set to a list to record each level's write decisions
         self.policy = WritePolicy(write_policy or ("all",) * levels, thresholds or (None,) * levels,
                                   budgets or (None,) * levels, d_model, summary_slots, **factory)
+
+    def _local_oldest_first(self, old: torch.Tensor, new: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Attention weights on the old ring (B, H, 1, w0) and the new input (B, H, 1, 1) at
+        positions (B,) -> (B, H, w0) on positions t - w0 + 1 .. t, oldest first."""
+        batch, heads, _, w0 = old.shape
+        slots = (position.view(batch, 1) + 1 + torch.arange(w0 - 1, device=old.device)) % w0  # (B, w0-1)
+        older = old.squeeze(2).gather(2, slots.view(batch, 1, w0 - 1).expand(-1, heads, -1))
+        return torch.cat([older, new.squeeze(2)], dim=2)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return layer_state_shapes(self.windows, self.slots, self.num_heads, self.d_model)
@@ -151,8 +189,9 @@ class HierarchicalAttention(nn.Module):
             return torch.cat([new.new_zeros(batch, heads, offset, width), stored, new,
                               new.new_zeros(batch, heads, tail, width)], dim=2)
 
-        key_stream = local_stream(state["local_keys"], keys)
-        value_stream = local_stream(state["local_values"], values)
+        # The state's ring holds input p at slot p mod w0: oldest first is a roll by the offset.
+        key_stream = local_stream(torch.roll(state["local_keys"], -offset, dims=2), keys)
+        value_stream = local_stream(torch.roll(state["local_values"], -offset, dims=2), values)
         # Each query block sees the block before it and its own: overlapping windows of the
         # stream, a view (its backward is one accumulation): (B, H, N, 2*w0, E).
         key_parts = [key_stream.unfold(2, 2 * w0, w0).transpose(3, 4)]
@@ -168,8 +207,8 @@ class HierarchicalAttention(nn.Module):
         mask_parts = [(key_place > query_place) & (key_place <= query_place + w0)
                       & ((block_index - 1).view(-1, 1, 1) * w0 + key_place >= 0)]  # (N, w0, 2w0)
         new_state = {
-            "local_keys": take_windows(key_stream, 2, block_start - w0, end - w0, w0),
-            "local_values": take_windows(value_stream, 2, block_start - w0, end - w0, w0),
+            "local_keys": ring_from_ordered(take_windows(key_stream, 2, block_start - w0, end - w0, w0), end),
+            "local_values": ring_from_ordered(take_windows(value_stream, 2, block_start - w0, end - w0, w0), end),
         }
 
         # Items of the level below as (B, H, n, P, E) streams; level 0: the inputs from block_start.
@@ -254,11 +293,17 @@ class HierarchicalAttention(nn.Module):
         return output, new_state
 
     def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], position: torch.Tensor,
-             branch_free: bool = False, completes: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+             branch_free: bool = False, completes: bool | None = None,
+             ring: str = "copy") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One input per stream: x (B, D) at positions (B,) (they may differ) -> (B, D), new state.
 
-        The same keys as ``forward_chunk`` sees, held in fixed-size shift registers: a
-        summary is pooled when its block completes and shifted into its level's window.
+        The same keys as ``forward_chunk`` sees, held in fixed-size buffers: the local window
+        is a ring (one slot written per step), and a summary is pooled when its block
+        completes and shifted into its level's window. The step attends over the ring as it
+        was plus its own input, then writes that input's slot (``ring``): into a copy of
+        the state's tensors ("copy"), into them ("in_place": the caller's state changes), or
+        not at all ("defer": the new state's ``local_keys``/``local_values`` are the (B, H, 1,
+        E) item, for the caller to write at slot ``position mod w0``, outside a compiled graph).
         ``branch_free`` pools every step and selects with ``torch.where`` (for export).
         ``completes``: whether a level-0 block completes at this step in some stream, when the
         caller knows (a compiled graph per case); None finds out (a data-dependent branch).
@@ -269,13 +314,17 @@ class HierarchicalAttention(nn.Module):
         queries, keys, values = self.query_key_value(x).view(batch, 1, 3 * d_model).chunk(3, dim=-1)
         phases = self.rotary.phases(position.view(batch, 1, 1), queries.dtype)  # broadcast over (H, 1)
         queries = self.rotary.rotate(self._split_heads(queries), *phases)  # (B, H, 1, E)
-        keys = self.rotary.rotate(self._split_heads(keys), *phases)
-        local_keys = torch.cat([state["local_keys"][:, :, 1:], keys], dim=2)  # (B, H, w0, E)
-        local_values = torch.cat([state["local_values"][:, :, 1:], self._split_heads(values)], dim=2)
+        keys, values = self.rotary.rotate(self._split_heads(keys), *phases), self._split_heads(values)
+        old_keys, old_values = state["local_keys"], state["local_values"]  # (B, H, w0, E) rings
         # One softmax over all parts, without concatenating their keys and values:
         # scores are small (B, H, 1, S); summary ages enter as q . age and p . age.
-        scores = [torch.matmul(queries, local_keys.transpose(-1, -2))]  # (B, H, 1, w0)
-        masks = [position.view(batch, 1) - w0 + 1 + torch.arange(w0, device=x.device) >= 0]  # (B, w0)
+        scores = [torch.matmul(queries, old_keys.transpose(-1, -2)),  # (B, H, 1, w0)
+                  (queries * keys).sum(-1, keepdim=True)]  # (B, H, 1, 1): the step's own input
+        places = torch.arange(w0, device=x.device)
+        now = position.view(batch, 1)
+        slot_positions = now - 1 - (now - 1 - places) % w0  # (B, w0): what each old slot holds
+        # in the window and since the stream began (this step's slot holds t - w0: out)
+        masks = [(slot_positions > now - w0) & (slot_positions >= 0), torch.ones_like(now, dtype=torch.bool)]
         memories = []
         for level in range(1, len(self.windows)):
             level_width = self.windows[level]
@@ -283,24 +332,29 @@ class HierarchicalAttention(nn.Module):
             age_values = _each_slot(self.age_values[level - 1], slots, dim=1)  # (H, w_l*K, E)
             memory_values = state[f"memory_values_{level}"]  # (B, H, w_l*K, E)
             scores.append(torch.matmul(queries, state[f"memory_keys_{level}"].transpose(-1, -2))
-                          + torch.matmul(queries, age_keys.transpose(-1, -2)))  # (B, H, 1, w_l*K)
+                          + _times_shared(queries, age_keys.transpose(-1, -2)))  # (B, H, 1, w_l*K)
             memories.append((memory_values, age_values))
             complete = state["written"][:, level - 1]  # (B,) items this level has written
             exists = complete.view(batch, 1) - level_width + torch.arange(level_width, device=x.device) >= 0
             masks.append(_each_slot(exists, slots, dim=1))  # (B, w_l*K)
         mask = torch.cat(masks, dim=1).view(batch, 1, 1, -1)  # (B, 1, 1, S)
         weights = (torch.cat(scores, dim=-1) * width ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
-        weights = weights.split([w0] + [v.shape[2] for v, _ in memories], dim=-1)
+        weights = weights.split([w0, 1] + [v.shape[2] for v, _ in memories], dim=-1)
         if self.trace is not None:  # where this step's attention went: (B, H, w0) and (B, H, w_l*K) per level
-            self.trace.append({"attention": [part.squeeze(2).detach() for part in weights]})
-        attended = torch.matmul(weights[0], local_values)  # (B, H, 1, E)
-        for part, (memory_values, age_values) in zip(weights[1:], memories):
-            attended = attended + torch.matmul(part, memory_values) + torch.matmul(part, age_values)
+            self.trace.append({"attention": [self._local_oldest_first(weights[0], weights[1], position).detach()]
+                               + [part.squeeze(2).detach() for part in weights[2:]]})
+        attended = torch.matmul(weights[0], old_values) + weights[1] * values  # (B, H, 1, E)
+        for part, (memory_values, age_values) in zip(weights[2:], memories):
+            attended = attended + torch.matmul(part, memory_values) + _times_shared(part, age_values)
         output = self.output(attended.transpose(1, 2).reshape(batch, d_model))  # (B, D)
 
-        new_state = {"local_keys": local_keys, "local_values": local_values}
+        slot = position % w0  # (B,): this input's slot in the ring
+        if ring == "defer":
+            new_state = {"local_keys": keys, "local_values": values}
+        else:
+            new_state = {"local_keys": ring_write(old_keys, slot, keys, ring == "in_place"),
+                         "local_values": ring_write(old_values, slot, values, ring == "in_place")}
         candidate = (position + 1) % w0 == 0  # (B,): a level-0 block completes, a level-1 candidate
-        item_keys, item_values = local_keys.unsqueeze(3), local_values.unsqueeze(3)  # (B, H, w, P, E)
         written, skipped = [], []
         for level in range(1, len(self.windows)):
             level_width = self.windows[level]
@@ -310,6 +364,10 @@ class HierarchicalAttention(nn.Module):
             had = state["written"][:, level - 1]  # (B,)
             write = candidate
             if branch_free or (bool(candidate.any()) if completes is None else completes):
+                if level == 1:  # where a block completes, the old ring's first w0 - 1 slots hold it
+                    # oldest first; then this input (other streams' blocks are pooled, then discarded)
+                    item_keys = torch.cat([old_keys[:, :, :w0 - 1], keys], dim=2).unsqueeze(3)  # (B, H, w0, 1, E)
+                    item_values = torch.cat([old_values[:, :, :w0 - 1], values], dim=2).unsqueeze(3)
                 block_shape = (batch, heads, 1, item_keys.shape[2] * item_keys.shape[3], width)
                 new_keys, new_values = self.summarise(level, item_keys.reshape(block_shape),
                                                       item_values.reshape(block_shape))  # (B, H, 1, K, E)

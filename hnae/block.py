@@ -58,11 +58,14 @@ class HNAEBlock(nn.Module):
         return self.project_out(self.norm_output(hidden)), new_state
 
     def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], position: torch.Tensor,
-             branch_free: bool = False, completes: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One input per stream: x (B, in_features) at positions (B,) -> (B, out_features), state."""
+             branch_free: bool = False, completes: bool | None = None,
+             ring: str = "copy") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One input per stream: x (B, in_features) at positions (B,) -> (B, out_features), state.
+
+        ``ring``: how the local window's slot is written (see ``HierarchicalAttention.step``)."""
         hidden = self.project_in(x) + self.place_embedding[position % self.place_embedding.shape[0]]  # (B, D)
         attended, new_state = self.attention.step(self.norm_attention(hidden), state, position, branch_free,
-                                                      completes)
+                                                  completes, ring)
         hidden = hidden + attended
         hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))
         return self.project_out(self.norm_output(hidden)), new_state

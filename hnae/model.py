@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from .attention import ring_write
 from .block import HNAEBlock
 from .config import HNAEConfig
 from .reach import first_visible_stack, receptive_field
@@ -166,11 +167,14 @@ class HNAE(nn.Module):
     def _parameter_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
-    def step(self, x: torch.Tensor, state: HNAEState | None = None, branch_free: bool = False):
+    def step(self, x: torch.Tensor, state: HNAEState | None = None, branch_free: bool = False,
+             in_place: bool = False):
         """One time step for every stream: x (B, input_size) -> output (B, out_features), state.
 
         Equivalent to ``forward`` on a chunk of length 1 (which uses it), for streams at
         any positions. ``branch_free=True`` avoids data-dependent Python branches (export).
+        ``in_place=True`` writes the step into the given state's local-window tensors instead
+        of copies (faster at large batches; the old state is then gone: keep the returned one).
         """
         if not isinstance(x, torch.Tensor) or x.dim() != 2:
             raise ValueError(f"x must be a 2-D tensor (B, input_size), got {getattr(x, 'shape', type(x))}")
@@ -180,9 +184,9 @@ class HNAE(nn.Module):
         check_state(state, self.config, x.shape[0], x.device)
         if state is None:
             state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
-        return self._step(batched[:, 0], state, branch_free)
+        return self._step(batched[:, 0], state, branch_free, ring="in_place" if in_place else "copy")
 
-    def compile_step(self, **compile_options):
+    def compile_step(self, in_place: bool = False, **compile_options):
         """``step`` through ``torch.compile``, for fast streaming inference.
 
         Returns ``step(x, state=None) -> (output, state)``: the same results as
@@ -191,7 +195,7 @@ class HNAE(nn.Module):
         the rest. The first call of each at each batch size, device and dtype
         compiles: tens of seconds on a CPU, which needs a C++ compiler.
         Calls check shapes and the state's configuration only. For inference:
-        the model must be in eval mode, with no memory trace set.
+        the model must be in eval mode, with no memory trace set. ``in_place``: as in ``step``.
         ``compile_options`` go to ``torch.compile`` (``dynamic=False`` unless given).
         """
         if self.bidirectional:
@@ -201,8 +205,11 @@ class HNAE(nn.Module):
         options = {"dynamic": False, **compile_options}
         # Two graphs: a step where some stream completes a level-0 block (summaries pooled, then
         # kept per stream) and the far more common step where none does (no pooling at all).
-        pooling = torch.compile(functools.partial(self._step, completes=True), **options)
-        plain = torch.compile(functools.partial(self._step, completes=False), **options)
+        # In place, the graphs leave the local ring's slot to be written here: inside a graph, a
+        # write into an input is compiled as a copy of the whole buffer.
+        ring = "defer" if in_place else "copy"
+        pooling = torch.compile(functools.partial(self._step, completes=True, ring=ring), **options)
+        plain = torch.compile(functools.partial(self._step, completes=False, ring=ring), **options)
         dtype, first_window = self._parameter_dtype(), self.config.windows[0]
 
         def step(x: torch.Tensor, state: HNAEState | None = None):
@@ -216,14 +223,21 @@ class HNAE(nn.Module):
             if state is None:
                 state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
             completes = bool(((state.position + 1) % first_window == 0).any())
-            return (pooling if completes else plain)(x, state)
+            output, new_state = (pooling if completes else plain)(x, state)
+            if in_place:
+                slot = state.position % first_window  # (B,)
+                for old, new in zip(state.layers, new_state.layers):
+                    for name in ("local_keys", "local_values"):  # new: the step's (B, H, 1, E) item
+                        new[name] = ring_write(old[name], slot, new[name], in_place=True)
+            return output, new_state
         return step
 
-    def _step(self, x: torch.Tensor, state: HNAEState, branch_free: bool = False, completes: bool | None = None):
+    def _step(self, x: torch.Tensor, state: HNAEState, branch_free: bool = False, completes: bool | None = None,
+              ring: str = "copy"):
         hidden, new_layers = x, []
         for index, (block,) in enumerate(self.layers):
             hidden, layer_state = block.step(hidden, state.layers[index], state.position, branch_free,
-                                                   completes)
+                                             completes, ring)
             new_layers.append(layer_state)
             if index < self.num_layers - 1:
                 hidden = self.between_layers(hidden)

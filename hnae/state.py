@@ -8,7 +8,8 @@ Per layer ``i`` (``w_l`` windows, ``K`` summary slots, ``H`` heads, ``E`` head
 width, ``D`` model width), named ``layer{i}.<field>``:
 
 - ``local_keys``, ``local_values`` (B, H, w_0, E): keys and values of the last
-  ``w_0`` inputs, oldest first (zeros before the start of the stream).
+  ``w_0`` inputs, as a ring: the input at position p sits at slot ``p mod w_0``
+  (zeros before the start of the stream). A step writes one slot, not a shifted copy.
 - ``memory_keys_{l}``, ``memory_values_{l}`` (B, H, w_l * K, E), ``l >= 1``:
   keys and values of the last ``w_l`` level-``l`` summaries written, oldest first.
 - ``written``, ``skipped`` (B, L - 1) int64: per summary level, how many
@@ -19,7 +20,7 @@ Local keys are stored with their rotary phase applied (it is exact and
 periodic: see ``hnae.rotary``). The items of a block still being filled are
 the newest entries of these windows (a block never holds more than its
 window), so the summary of a block is pooled from the state when it
-completes: nothing else is kept.
+completes (then the ring is in order, oldest first): nothing else is kept.
 
 Plus ``position`` (B,) int64: the number of inputs each stream has consumed.
 Nothing in it grows with the position: its size is fixed by the windows.
@@ -122,6 +123,10 @@ class HNAEState:
             moved = tensor.to(*args, **kwargs)
             return moved if not moved.is_floating_point() else tensor.to(moved.device)
         return self._map(move)
+
+    def clone(self) -> "HNAEState":
+        """A copy whose tensors share nothing with this one (keep it before stepping in place)."""
+        return self._map(torch.clone)
 
     def detach(self) -> "HNAEState":
         """The same state cut from the autograd graph (for truncated backprop)."""

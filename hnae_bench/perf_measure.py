@@ -239,7 +239,11 @@ class Streamer:
         if self.recurrent is None and self.encoder is None:
             raise ValueError(f"model: {type(body).__name__} has no streaming step (hnae, lstm and gru have)")
         self.compiled = bool(getattr(model, "model_config", {}).get("compiled_step"))
-        self.encoder_step = self.encoder.compile_step() if self.compiled else getattr(self.encoder, "step", None)
+        # hnae steps write into the state they are given (in_place): each timed state is stepped
+        # on and never reused, so a copy per step would measure nothing but the copy
+        self.encoder_step = (self.encoder.compile_step(in_place=True) if self.compiled
+                             else functools.partial(self.encoder.step, in_place=True)
+                             if hasattr(self.encoder, "step") else None)
 
     def prefill(self, x: torch.Tensor, state):
         """x (B, t, C): the state after the stream went through x, in one parallel call."""
@@ -256,7 +260,8 @@ class Streamer:
         return self.head(output), state
 
     def warm(self, x_t: torch.Tensor, state) -> None:
-        """Steps from ``state`` (left as it was) until a level-0 block completes: compiles both graphs."""
+        """Steps from a copy of ``state`` until a level-0 block completes: compiles both graphs."""
+        state = state.clone()  # the steps write in place
         for _ in range(self.encoder.config.windows[0]):
             _, state = self.step(x_t, state)
 

@@ -11,12 +11,13 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g+
                                 reason="torch.compile on the CPU needs a C++ compiler")
 
 
-def test_compiled_step_equals_parallel_forward_across_blocks():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_compiled_step_equals_parallel_forward_across_blocks(in_place):
     model = tiny_model(windows=(3, 2, 2), num_layers=2, write_policy=("novelty", "all"), threshold=0.5)
     x = random_input(2, 17, 5)   # 17 steps: level-1 and level-2 blocks complete along the way
     with torch.no_grad():
         expected, expected_state = model(x)
-        step = model.compile_step()
+        step = model.compile_step(in_place=in_place)
         state, outputs = None, []
         for t in range(x.shape[1]):
             output, state = step(x[:, t], state)

@@ -77,3 +77,33 @@ def test_streams_at_different_positions_continue_exactly():
             alone, _ = model(x[row:row + 1, : length + 20])
             reference = alone[0, length:length + 20]
             assert (continued[row] - reference).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("policy", ["all", "novelty"])
+def test_in_place_step_equals_copying_step_and_reuses_the_state(policy):
+    """``step(in_place=True)`` writes the ring slot into the state it is given; nothing else changes."""
+    options = {"threshold": 0.5} if policy == "novelty" else {}
+    model = tiny_model((4, 3), 2, write_policy=policy, **options)
+    x = random_input(3, 40, 5)
+    with torch.no_grad():
+        _, start = model(x[:, :13], lengths=torch.tensor([13, 6, 9]))  # streams at different positions
+        copied, in_place = start, start.clone()
+        for t in range(13, 40):  # crosses level-1 and level-2 block completions
+            expected, copied = model.step(x[:, t], copied)
+            before = in_place.layers[0]["local_keys"].data_ptr()
+            output, in_place = model.step(x[:, t], in_place, in_place=True)
+            assert in_place.layers[0]["local_keys"].data_ptr() == before
+            assert torch.equal(output, expected)
+    for name, a, b in zip(copied.names(), copied.tensors(), in_place.tensors()):
+        assert torch.equal(a, b), name
+
+
+def test_local_window_is_a_ring_one_slot_per_step():
+    """A step changes only slot ``position mod w0`` of the local window (no shifted copy)."""
+    model = tiny_model((4, 3), 1)
+    x = random_input(2, 11, 5)
+    with torch.no_grad():
+        _, before = model(x[:, :10])
+        _, after = model.step(x[:, 10], before)
+    changed = (after.layers[0]["local_keys"] != before.layers[0]["local_keys"]).any(dim=(0, 1, 3))  # (w0,)
+    assert changed.tolist() == [slot == 10 % 4 for slot in range(4)]
