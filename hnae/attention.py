@@ -308,6 +308,8 @@ class HierarchicalAttention(nn.Module):
         ``completes``: whether a level-0 block completes at this step in some stream, when the
         caller knows (a compiled graph per case); None finds out (a data-dependent branch).
         """
+        if ring not in RING_WRITES:
+            raise ValueError(f"ring must be one of {RING_WRITES}, got {ring!r}")
         batch, d_model = x.shape  # (B, D)
         heads, width, slots = self.num_heads, self.head_width, self.slots
         w0 = self.windows[0]
