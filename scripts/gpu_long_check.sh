@@ -10,6 +10,7 @@
 #   OUT=runs/gpu-long SECONDS_BUDGET=360 RUNS='copy1000 adding600' bash scripts/gpu_long_check.sh   (RUNS: default all four;
 #   DEVICE=cpu to try it here)
 #
+# ARCHIVE=path.tgz packs OUT into one file at the end (the device tool returns at most 8 files).
 # Installs nothing from the network (see gpu_copy_check.sh for the wheels it may install).
 set -u
 source "$(dirname "$0")/gpu_common.sh"
@@ -47,3 +48,6 @@ wait
 for name in $RUNS; do  # keep the last checkpoint's config, not every one
     ls -d "$OUT_DIR/$name"/ckpt-* 2>/dev/null | sort | head -n -1 | xargs -r rm -rf
 done
+if [ -n "${ARCHIVE:-}" ]; then
+    tar czf "$ARCHIVE" -C "$(dirname "$OUT_DIR")" "$(basename "$OUT_DIR")"
+fi
