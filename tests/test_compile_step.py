@@ -37,5 +37,27 @@ def test_compiled_step_refuses_what_it_cannot_do():
     model.train()
     with pytest.raises(RuntimeError, match="eval"):
         step(torch.zeros(2, 5))
+    model.eval()
+    model.layers[0][0].attention.trace = []   # set after compiling: refused, not silently ignored
+    with pytest.raises(RuntimeError, match="trace"):
+        step(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="bidirectional"):
         tiny_model(bidirectional=True).compile_step()
+
+
+def test_compiled_step_sees_weights_updated_in_place():
+    """No guards on the modules: the graphs read the parameters, so an in-place update is seen."""
+    model = tiny_model(windows=(3, 2), num_layers=1)
+    x = random_input(2, 4, 5)
+    step = model.compile_step(in_place=True)
+    with torch.no_grad():
+        state = None
+        for t in range(3):
+            _, state = step(x[:, t], state)
+        expected_before, _ = model.step(x[:, 3], state.clone())
+        for parameter in model.parameters():
+            parameter.mul_(1.5)
+        expected_after, _ = model.step(x[:, 3], state.clone())
+        output, _ = step(x[:, 3], state)
+    assert not torch.allclose(expected_after, expected_before, atol=1e-3)
+    assert torch.allclose(output, expected_after, atol=1e-5)
