@@ -29,6 +29,8 @@ from .validation import check_input, check_lengths, check_state
 # Elements (B x steps x hidden_size) per time chunk of a long call on the CPU: at 2**20 (4 MiB in fp32)
 # a training call at T = 16k, batch 8, width 88 ran 1.6x faster than in one chunk (2-core EPYC).
 SKIP_MODULE_GUARDS = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
+# compile_step(in_place=True) writes the ring slot outside its graphs from this window size on
+DEFER_RING_WRITE_BYTES = 1 << 19
 CPU_CHUNK_ELEMENTS = 1 << 20
 
 
@@ -214,11 +216,12 @@ class HNAE(nn.Module):
             options["options"] = {"guard_filter_fn": SKIP_MODULE_GUARDS}
         # Two graphs: a step where some stream completes a level-0 block (summaries pooled, then
         # kept per stream) and the far more common step where none does (no pooling at all).
-        # In place, the graphs leave the local ring's slot to be written here: inside a graph, a
-        # write into an input is compiled as a copy of the whole buffer.
-        ring = "defer" if in_place else "copy"
-        pooling = torch.compile(functools.partial(self._step, completes=True, ring=ring), **options)
-        plain = torch.compile(functools.partial(self._step, completes=False, ring=ring), **options)
+        # In place with large windows, the graphs leave the local ring's slot to be written here:
+        # inside a graph, a write into an input is compiled as a copy of the whole buffer, which
+        # costs less than the eager writes only while the windows are small (batch 1).
+        graphs = {(completes, ring): torch.compile(functools.partial(self._step, completes=completes, ring=ring),
+                                                   **options)
+                  for completes in (True, False) for ring in ("copy", "defer")}
         dtype, first_window = self._parameter_dtype(), self.config.windows[0]
 
         def step(x: torch.Tensor, state: HNAEState | None = None):
@@ -233,8 +236,9 @@ class HNAE(nn.Module):
             if state is None:
                 state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
             completes = bool(((state.position + 1) % first_window == 0).any())
-            output, new_state = (pooling if completes else plain)(x, state)
-            if in_place:
+            defer = in_place and state.layers[0]["local_keys"].nbytes >= DEFER_RING_WRITE_BYTES
+            output, new_state = graphs[completes, "defer" if defer else "copy"](x, state)
+            if defer:
                 slot = state.position % first_window  # (B,)
                 for old, new in zip(state.layers, new_state.layers):
                     for name in ("local_keys", "local_values"):  # new: the step's (B, H, 1, E) item

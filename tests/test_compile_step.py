@@ -5,14 +5,18 @@ import shutil
 import pytest
 import torch
 
+import hnae.model
+
 from conftest import random_input, tiny_model
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="torch.compile on the CPU needs a C++ compiler")
 
 
-@pytest.mark.parametrize("in_place", [False, True])
-def test_compiled_step_equals_parallel_forward_across_blocks(in_place):
+@pytest.mark.parametrize("in_place, deferred", [(False, False), (True, False), (True, True)])
+def test_compiled_step_equals_parallel_forward_across_blocks(in_place, deferred, monkeypatch):
+    if deferred:  # the ring slot written outside the graphs, as for large windows
+        monkeypatch.setattr(hnae.model, "DEFER_RING_WRITE_BYTES", 0)
     model = tiny_model(windows=(3, 2, 2), num_layers=2, write_policy=("novelty", "all"), threshold=0.5)
     x = random_input(2, 17, 5)   # 17 steps: level-1 and level-2 blocks complete along the way
     with torch.no_grad():
@@ -45,8 +49,9 @@ def test_compiled_step_refuses_what_it_cannot_do():
         tiny_model(bidirectional=True).compile_step()
 
 
-def test_compiled_step_sees_weights_updated_in_place():
+def test_compiled_step_sees_weights_updated_in_place(monkeypatch):
     """No guards on the modules: the graphs read the parameters, so an in-place update is seen."""
+    monkeypatch.setattr(hnae.model, "DEFER_RING_WRITE_BYTES", 0)
     model = tiny_model(windows=(3, 2), num_layers=1)
     x = random_input(2, 4, 5)
     step = model.compile_step(in_place=True)
