@@ -87,6 +87,15 @@ def ring_from_ordered(ordered: torch.Tensor, end) -> torch.Tensor:
     return ordered.gather(2, index.view(-1, 1, width, 1).expand_as(ordered))
 
 
+def local_oldest_first(old: torch.Tensor, new: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """Attention weights on the old ring (B, H, 1, w0) and the new input (B, H, 1, 1) at
+    positions (B,) -> (B, H, w0) on positions t - w0 + 1 .. t, oldest first."""
+    batch, heads, _, w0 = old.shape
+    slots = (position.view(batch, 1) + 1 + torch.arange(w0 - 1, device=old.device)) % w0  # (B, w0-1)
+    older = old.squeeze(2).gather(2, slots.view(batch, 1, w0 - 1).expand(-1, heads, -1))
+    return torch.cat([older, new.squeeze(2)], dim=2)
+
+
 RING_WRITES = ("copy", "in_place", "defer")
 
 
@@ -137,14 +146,6 @@ class HierarchicalAttention(nn.Module):
         self.trace: list | None = None  # set to a list to record each level's write decisions
         self.policy = WritePolicy(write_policy or ("all",) * levels, thresholds or (None,) * levels,
                                   budgets or (None,) * levels, d_model, summary_slots, **factory)
-
-    def _local_oldest_first(self, old: torch.Tensor, new: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """Attention weights on the old ring (B, H, 1, w0) and the new input (B, H, 1, 1) at
-        positions (B,) -> (B, H, w0) on positions t - w0 + 1 .. t, oldest first."""
-        batch, heads, _, w0 = old.shape
-        slots = (position.view(batch, 1) + 1 + torch.arange(w0 - 1, device=old.device)) % w0  # (B, w0-1)
-        older = old.squeeze(2).gather(2, slots.view(batch, 1, w0 - 1).expand(-1, heads, -1))
-        return torch.cat([older, new.squeeze(2)], dim=2)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
         return layer_state_shapes(self.windows, self.slots, self.num_heads, self.d_model)
@@ -343,8 +344,8 @@ class HierarchicalAttention(nn.Module):
         weights = (torch.cat(scores, dim=-1) * width ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
         weights = weights.split([w0, 1] + [v.shape[2] for v, _ in memories], dim=-1)
         if self.trace is not None:  # where this step's attention went: (B, H, w0) and (B, H, w_l*K) per level
-            self.trace.append({"attention": [self._local_oldest_first(weights[0], weights[1], position).detach()]
-                               + [part.squeeze(2).detach() for part in weights[2:]]})
+            local = local_oldest_first(weights[0], weights[1], position)  # (B, H, w0)
+            self.trace.append({"attention": [local.detach()] + [part.squeeze(2).detach() for part in weights[2:]]})
         attended = torch.matmul(weights[0], old_values) + weights[1] * values  # (B, H, 1, E)
         for part, (memory_values, age_values) in zip(weights[2:], memories):
             attended = attended + torch.matmul(part, memory_values) + _times_shared(part, age_values)

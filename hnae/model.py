@@ -28,10 +28,11 @@ from .validation import check_input, check_lengths, check_state
 
 # Elements (B x steps x hidden_size) per time chunk of a long call on the CPU: at 2**20 (4 MiB in fp32)
 # a training call at T = 16k, batch 8, width 88 ran 1.6x faster than in one chunk (2-core EPYC).
+CPU_CHUNK_ELEMENTS = 1 << 20
+# compile_step: no Dynamo guards on the model's modules (where this torch has the filter)
 SKIP_MODULE_GUARDS = getattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe", None)
 # compile_step(in_place=True) writes the ring slot outside its graphs from this window size on
 DEFER_RING_WRITE_BYTES = 1 << 19
-CPU_CHUNK_ELEMENTS = 1 << 20
 
 
 class HNAE(nn.Module):
@@ -198,17 +199,15 @@ class HNAE(nn.Module):
         the rest. The first call of each at each batch size, device and dtype
         compiles: tens of seconds on a CPU, which needs a C++ compiler.
         Calls check shapes and the state's configuration only. For inference:
-        the model must be in eval mode, with no memory trace set. ``in_place``: as in ``step``.
+        the model must be in eval mode, with no memory trace set. ``in_place``: as in ``step``
+        (for small windows, under 512 KB a tensor, the graphs copy instead: cheaper there).
         ``compile_options`` go to ``torch.compile`` (``dynamic=False`` unless given; without
         ``mode`` or ``options``, no guards on the model's modules: compile again after
         replacing a submodule or a parameter object; in-place weight updates are seen).
         """
         if self.bidirectional:
             raise ValueError("compile_step: a bidirectional HNAE cannot stream (it needs the future)")
-        def refuse_a_trace():
-            if any(getattr(block.attention, "trace", None) is not None for (block, *_) in self.layers):
-                raise RuntimeError("compile_step: a memory trace is set (hnae.trace_memory); trace with step()")
-        refuse_a_trace()
+        self._refuse_a_trace()
         options = {"dynamic": False, **compile_options}
         if SKIP_MODULE_GUARDS is not None and "mode" not in options and "options" not in options:
             # no guard checks on the model's modules (a large share of a CPU step's overhead);
@@ -227,7 +226,7 @@ class HNAE(nn.Module):
         def step(x: torch.Tensor, state: HNAEState | None = None):
             if self.training:
                 raise RuntimeError("compile_step streams for inference: call model.eval() first")
-            refuse_a_trace()  # the graphs do not guard on the modules, so they would not see one
+            self._refuse_a_trace()  # the graphs do not guard on the modules, so they would not see one
             if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != self.config.input_size:
                 raise ValueError(f"x must be a tensor (B, {self.config.input_size}), got {getattr(x, 'shape', x)!r}")
             if x.dtype != dtype:
@@ -245,6 +244,10 @@ class HNAE(nn.Module):
                         new[name] = ring_write(old[name], slot, new[name], in_place=True)
             return output, new_state
         return step
+
+    def _refuse_a_trace(self) -> None:
+        if any(getattr(block.attention, "trace", None) is not None for (block, *_) in self.layers):
+            raise RuntimeError("compile_step: a memory trace is set (hnae.trace_memory); trace with step()")
 
     def _step(self, x: torch.Tensor, state: HNAEState, branch_free: bool = False, completes: bool | None = None,
               ring: str = "copy"):

@@ -241,9 +241,12 @@ class Streamer:
         self.compiled = bool(getattr(model, "model_config", {}).get("compiled_step"))
         # hnae steps write into the state they are given (in_place): each timed state is stepped
         # on and never reused, so a copy per step would measure nothing but the copy
-        self.encoder_step = (self.encoder.compile_step(in_place=True) if self.compiled
-                             else functools.partial(self.encoder.step, in_place=True)
-                             if hasattr(self.encoder, "step") else None)
+        if self.compiled:
+            self.encoder_step = self.encoder.compile_step(in_place=True)
+        elif self.encoder is not None:
+            self.encoder_step = functools.partial(self.encoder.step, in_place=True)
+        else:
+            self.encoder_step = None
 
     def prefill(self, x: torch.Tensor, state):
         """x (B, t, C): the state after the stream went through x, in one parallel call."""

@@ -11,13 +11,8 @@ source "$(dirname "$0")/gpu_common.sh"
 OUT_DIR="${OUT:-runs/gpu-copy}"
 BUDGET="${SECONDS_BUDGET:-380}"
 mkdir -p "$OUT_DIR"
-"$PYTHON" -c "import safetensors, tqdm" 2>/dev/null \
-    || "$PYTHON" -m pip install -q --no-index --find-links build/wheels safetensors tqdm 2>&1 | tail -2
-{
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-    "$PYTHON" -c "import torch, platform; print('python', platform.python_version(), '| torch', torch.__version__)"
-} > "$OUT_DIR/machine.txt" 2>&1
+install_train_wheels
+write_machine_info "$OUT_DIR/machine.txt"
 timeout 150 "$PYTHON" -m pytest -q -x tests/test_cuda.py -p no:cacheprovider > "$OUT_DIR/pytest.log" 2>&1
 tail -3 "$OUT_DIR/pytest.log"
 timeout $((BUDGET + 60)) "$PYTHON" -m hnae train --task copy --seq-len 1000 --model hnae --curriculum \

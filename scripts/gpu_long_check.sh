@@ -11,19 +11,14 @@
 #   DEVICE=cpu to try it here)
 #
 # ARCHIVE=path.tgz packs OUT into one file at the end (the device tool returns at most 8 files).
-# Installs nothing from the network (see gpu_copy_check.sh for the wheels it may install).
+# Installs nothing from the network (see install_train_wheels in gpu_common.sh).
 set -u
 source "$(dirname "$0")/gpu_common.sh"
 OUT_DIR="${OUT:-runs/gpu-long}"
 BUDGET="${SECONDS_BUDGET:-360}"
 mkdir -p "$OUT_DIR"
-"$PYTHON" -c "import safetensors, tqdm" 2>/dev/null \
-    || "$PYTHON" -m pip install -q --no-index --find-links build/wheels safetensors tqdm 2>&1 | tail -2
-{
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null
-    "$PYTHON" -c "import torch, platform; print('python', platform.python_version(), '| torch', torch.__version__)"
-} > "$OUT_DIR/machine.txt" 2>&1
+install_train_wheels
+write_machine_info "$OUT_DIR/machine.txt"
 export OMP_NUM_THREADS=3
 common=(--model hnae --device "${DEVICE:-cuda}" --time-budget "$BUDGET" --no-progress)
 memory=(--write-policy novelty --threshold 0.99 --length-jitter 128)
