@@ -351,10 +351,10 @@ class HierarchicalAttention(nn.Module):
             attended = attended + torch.matmul(part, memory_values) + _times_shared(part, age_values)
         output = self.output(attended.transpose(1, 2).reshape(batch, d_model))  # (B, D)
 
-        slot = position % w0  # (B,): this input's slot in the ring
         if ring == "defer":
             new_state = {"local_keys": keys, "local_values": values}
         else:
+            slot = position % w0  # (B,): this input's slot in the ring
             new_state = {"local_keys": ring_write(old_keys, slot, keys, ring == "in_place"),
                          "local_values": ring_write(old_values, slot, values, ring == "in_place")}
         candidate = (position + 1) % w0 == 0  # (B,): a level-0 block completes, a level-1 candidate
