@@ -1,0 +1,51 @@
+"""`hnae train` with the small hnae preset changed, for experiments on how fast copy is learned.
+
+    FIRST=32 WIN=32 AGE=zero python scripts/copy_variant.py --task copy --seq-len 1000 --curriculum ...
+
+Environment switches (unset: the preset as it is):
+    FIRST   level-0 window (the preset's 128)     WIN   window of the levels above (8)
+    SLOTS   summary slots (8)
+    AGE=zero   summary age embeddings (keys and values) fixed at zero: summaries are told apart
+               by content only
+    POOL=dev   a summary pools each slot's deviation from its block's mean value (place values
+               included) instead of the weighted values themselves
+The arguments are those of `hnae train`. Nothing here changes the library or the bench defaults.
+"""
+import os
+import sys
+
+import torch
+
+from hnae import attention, pooling
+from hnae.kernels import attend
+from hnae_bench import models, train_cli
+
+for switch, table in (("FIRST", models.HNAE_FIRST_WINDOW), ("WIN", models.HNAE_WINDOWS),
+                      ("SLOTS", models.HNAE_SLOTS)):
+    if switch in os.environ:
+        table["small"] = int(os.environ[switch])
+
+if os.environ.get("AGE") == "zero":
+    original_init = attention.HierarchicalAttention.__init__
+
+    def init_without_ages(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        for parameter in [*self.age_keys, *self.age_values]:  # (H, w_l, E) each
+            parameter.data.zero_()
+            parameter.requires_grad_(False)
+    attention.HierarchicalAttention.__init__ = init_without_ages
+
+if os.environ.get("POOL") == "dev":
+    def pool_deviations(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        batch, heads, blocks, items, width = keys.shape  # (B, H, M, n, E)
+        keys = (keys + self.place_keys.unsqueeze(1)).flatten(0, 1)  # (B*H, M, n, E)
+        values = (values + self.place_values.unsqueeze(1)).flatten(0, 1)
+        queries = (self.queries * self.content_mask).unsqueeze(1)  # (H, 1, K, E)
+        queries = queries.expand(heads, blocks, self.slots, width).repeat(batch, 1, 1, 1)
+        pooled = attend(queries, keys, values) - values.mean(dim=2, keepdim=True)  # (B*H, M, K, E)
+        pooled = pooled.view(batch, heads, blocks, self.slots, width).permute(0, 2, 3, 1, 4)
+        return self.norm(self.output(pooled.reshape(batch, blocks, self.slots, heads * width)))
+    pooling.AttentionPool.forward = pool_deviations
+
+if __name__ == "__main__":
+    sys.exit(train_cli.main(sys.argv[1:]))
