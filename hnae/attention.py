@@ -279,19 +279,35 @@ class HierarchicalAttention(nn.Module):
             value_parts[0] = value_parts[0][:, :, :, first_key:w0 + offset + length]
             mask_parts[0] = mask_parts[0][..., first_key:w0 + offset + length]
             query_blocks = query_blocks[:, :, rows]
-        all_keys = torch.cat(key_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
-        all_values = torch.cat(value_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
         mask = torch.cat([m[..., rows, :] for m in mask_parts], dim=-1)  # ([B,] N, rows, S)
-        if mask.dim() == 3:
-            mask = mask.unsqueeze(0)  # (1, N, rows, S): 4-D keeps the fused CPU kernel
-        else:
-            mask = mask.unsqueeze(1).expand(-1, heads, -1, -1, -1).flatten(0, 1)  # (B*H, N, rows, S)
-        attended = attend(query_blocks, all_keys, all_values, mask)  # (B*H, N, rows, E)
+        if mask.dim() == 3:  # one mask for every stream: (1, N, rows, S); 4-D keeps the fused CPU kernel
+            all_keys = torch.cat(key_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
+            all_values = torch.cat(value_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
+            attended = attend(query_blocks, all_keys, all_values, mask.unsqueeze(0))  # (B*H, N, rows, E)
+        else:  # a mask per stream: blocks before heads, so that one mask serves every head
+            attended = self._attend_per_stream(query_blocks, key_parts, value_parts, mask)
         if num_blocks > 1:
             attended = attended.reshape(batch, heads, num_blocks * w0, width)[:, :, offset:offset + length]
         attended = attended.reshape(batch, heads, length, width)
         output = self.output(attended.transpose(1, 2).reshape(batch, length, d_model))  # (B, C, D)
         return output, new_state
+
+    def _attend_per_stream(self, query_blocks: torch.Tensor, key_parts: list, value_parts: list,
+                           mask: torch.Tensor) -> torch.Tensor:
+        """Attention with a mask that differs per stream (the write policies' compacted levels).
+
+        query_blocks (B*H, N, R, E); key/value parts (B, H, N, S_i, E); mask (B, N, R, S).
+        Laid out as (B*N, H, ., E), the mask (B*N, 1, R, S) broadcasts over heads: no copy
+        of it per head. Returns (B*H, N, R, E) like the shared-mask path.
+        """
+        batch, blocks, rows, _ = mask.shape
+        heads, width = self.num_heads, self.head_width
+        keys = torch.cat([part.transpose(1, 2) for part in key_parts], dim=3).flatten(0, 1)  # (B*N, H, S, E)
+        values = torch.cat([part.transpose(1, 2) for part in value_parts], dim=3).flatten(0, 1)
+        queries = query_blocks.view(batch, heads, blocks, rows, width).transpose(1, 2).flatten(0, 1)
+        attended = attend(queries, keys, values, mask.flatten(0, 1).unsqueeze(1))  # (B*N, H, R, E)
+        return attended.view(batch, blocks, heads, rows, width).transpose(1, 2).reshape(
+            batch * heads, blocks, rows, width)
 
     def step(self, x: torch.Tensor, state: dict[str, torch.Tensor], position: torch.Tensor,
              branch_free: bool = False, completes: bool | None = None,
