@@ -9,6 +9,8 @@ Environment switches (unset: the preset as it is):
                by content only
     POOL=dev   a summary pools each slot's deviation from its block's mean value (place values
                included) instead of the weighted values themselves
+    PLACE=zero the block's place embedding (added to every layer's input at t mod w_0) fixed at
+               zero: nothing tells a step where it sits in its level-0 block
 The arguments are those of `hnae train`. Nothing here changes the library or the bench defaults.
 """
 import os
@@ -16,7 +18,7 @@ import sys
 
 import torch
 
-from hnae import attention, pooling
+from hnae import attention, block, pooling
 from hnae.kernels import attend
 from hnae_bench import models, train_cli
 
@@ -34,6 +36,15 @@ if os.environ.get("AGE") == "zero":
             parameter.data.zero_()
             parameter.requires_grad_(False)
     attention.HierarchicalAttention.__init__ = init_without_ages
+
+if os.environ.get("PLACE") == "zero":
+    original_block_init = block.HNAEBlock.__init__
+
+    def init_without_place(self, *args, **kwargs):
+        original_block_init(self, *args, **kwargs)
+        self.place_embedding.data.zero_()  # (w_0, D)
+        self.place_embedding.requires_grad_(False)
+    block.HNAEBlock.__init__ = init_without_place
 
 if os.environ.get("POOL") == "dev":
     def pool_deviations(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
