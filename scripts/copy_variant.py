@@ -11,6 +11,9 @@ Environment switches (unset: the preset as it is):
                included) instead of the weighted values themselves
     PLACE=zero the block's place embedding (added to every layer's input at t mod w_0) fixed at
                zero: nothing tells a step where it sits in its level-0 block
+    PLACE=shift in training, each sequence reads the place embedding at (t + r) mod w_0 with its
+               own random r (one draw per layer and call): places keep their differences but
+               no longer tell where a block starts (evaluation reads it unshifted)
 The arguments are those of `hnae train`. Nothing here changes the library or the bench defaults.
 """
 import os
@@ -19,6 +22,7 @@ import sys
 import torch
 
 from hnae import attention, block, pooling
+from hnae import model as hnae_model
 from hnae.kernels import attend
 from hnae_bench import models, train_cli
 
@@ -45,6 +49,29 @@ if os.environ.get("PLACE") == "zero":
         self.place_embedding.data.zero_()  # (w_0, D)
         self.place_embedding.requires_grad_(False)
     block.HNAEBlock.__init__ = init_without_place
+
+if os.environ.get("PLACE") == "shift":
+    original_forward = hnae_model.HNAE.forward
+
+    def forward_with_shifts(self, input, state=None, lengths=None):
+        for (layer,) in self.layers:  # one random phase per sequence and layer for this call
+            width = layer.place_embedding.shape[0]
+            batch = input.shape[0] if self.batch_first else input.shape[1]
+            layer.place_shift = torch.randint(width, (batch, 1), device=input.device) if self.training else None
+        return original_forward(self, input, state, lengths)
+
+    def shifted_forward_chunk(self, x, state, start, end):
+        width = self.place_embedding.shape[0]
+        places = torch.arange(start, start + x.shape[1], device=x.device)  # (C,)
+        shift = getattr(self, "place_shift", None)
+        places = (places + shift) % width if shift is not None else places % width  # (B, C) or (C,)
+        hidden = self.project_in(x) + self.place_embedding[places]  # (B, C, D)
+        attended, new_state = self.attention.forward_chunk(self.norm_attention(hidden), state, start, end)
+        hidden = hidden + attended
+        hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))
+        return self.project_out(self.norm_output(hidden)), new_state
+    hnae_model.HNAE.forward = forward_with_shifts
+    block.HNAEBlock.forward_chunk = shifted_forward_chunk
 
 if os.environ.get("POOL") == "dev":
     def pool_deviations(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
