@@ -36,73 +36,9 @@ from .pooling import AttentionPool
 from .rotary import PeriodicRotary
 from .reach import level_spans
 from .state import layer_state_shapes
+from .windows import (RING_WRITES, each_slot, local_oldest_first, ring_from_ordered, ring_write,
+                      take_windows, times_shared)
 from .write_policy import WritePolicy
-
-
-def _each_slot(tensor: torch.Tensor, slots: int, dim: int) -> torch.Tensor:
-    """Each entry along ``dim`` repeated ``slots`` times in place (``repeat_interleave``, without its index)."""
-    shape = list(tensor.shape)
-    expanded = tensor.unsqueeze(dim + 1).expand(*shape[:dim + 1], slots, *shape[dim + 1:])
-    return expanded.reshape(*shape[:dim], shape[dim] * slots, *shape[dim + 1:])
-
-
-def take_windows(stream: torch.Tensor, time_dim: int, stream_start: int, first, width: int) -> torch.Tensor:
-    """Per batch element, ``width`` consecutive entries of ``stream`` along ``time_dim``.
-
-    stream: (B, ..., n, ...) whose entry i along time_dim is absolute index stream_start + i.
-    first: absolute index of the first entry, an int (the same for every element: a copied
-    slice) or a (B,) tensor. Returns the stream's shape with ``width`` along time_dim.
-    """
-    if stream.shape[time_dim] == 0:  # nothing in the stream yet: all entries are empty
-        shape = list(stream.shape)
-        shape[time_dim] = width
-        return stream.new_zeros(shape)
-    if isinstance(first, int):
-        return stream.narrow(time_dim, first - stream_start, width).clone()  # no view of the stream kept
-    moved = stream.movedim(time_dim, 1)  # (B, n, ...)
-    offsets = first.unsqueeze(1) - stream_start + torch.arange(width, device=first.device)  # (B, width)
-    rows = torch.arange(moved.shape[0], device=first.device).unsqueeze(1)  # (B, 1)
-    picked = moved[rows, offsets.clamp(0, moved.shape[1] - 1)]  # (B, width, ...)
-    return picked.movedim(1, time_dim)
-
-
-def _times_shared(batched: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-    """batched (B, H, 1, X) @ shared (H, X, Y) -> (B, H, 1, Y), one matmul per head.
-
-    ``torch.matmul`` would broadcast ``shared`` to (B, H, X, Y) and copy it for every stream.
-    """
-    per_head = torch.bmm(batched.squeeze(2).transpose(0, 1), shared)  # (H, B, Y)
-    return per_head.transpose(0, 1).unsqueeze(2)
-
-
-def ring_from_ordered(ordered: torch.Tensor, end) -> torch.Tensor:
-    """The last w inputs before ``end``, oldest first (B, H, w, E) -> the ring layout of ``hnae.state``.
-
-    In the ring, the input at position p sits at slot p mod w. ``end``: an int, or (B,) per stream.
-    """
-    width = ordered.shape[2]
-    if isinstance(end, int):
-        return torch.roll(ordered, end % width, dims=2)
-    index = (torch.arange(width, device=ordered.device) - end.view(-1, 1)) % width  # (B, w)
-    return ordered.gather(2, index.view(-1, 1, width, 1).expand_as(ordered))
-
-
-def local_oldest_first(old: torch.Tensor, new: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-    """Attention weights on the old ring (B, H, 1, w0) and the new input (B, H, 1, 1) at
-    positions (B,) -> (B, H, w0) on positions t - w0 + 1 .. t, oldest first."""
-    batch, heads, _, w0 = old.shape
-    slots = (position.view(batch, 1) + 1 + torch.arange(w0 - 1, device=old.device)) % w0  # (B, w0-1)
-    older = old.squeeze(2).gather(2, slots.view(batch, 1, w0 - 1).expand(-1, heads, -1))
-    return torch.cat([older, new.squeeze(2)], dim=2)
-
-
-RING_WRITES = ("copy", "in_place", "defer")
-
-
-def ring_write(ring: torch.Tensor, slot: torch.Tensor, item: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """ring (B, H, w, E) with item (B, H, 1, E) written at slot (B,) of each stream."""
-    index = slot.view(-1, 1, 1, 1).expand_as(item)
-    return ring.scatter_(2, index, item) if in_place else ring.scatter(2, index, item)
 
 
 class HierarchicalAttention(nn.Module):
@@ -254,7 +190,7 @@ class HierarchicalAttention(nn.Module):
             key_parts.append((level_keys + age_keys.unsqueeze(1).unsqueeze(3)).reshape(flat_shape))
             value_parts.append((level_values + age_values.unsqueeze(1).unsqueeze(3)).reshape(flat_shape))
             exists = (visible.unsqueeze(1) - level_width + places) >= 0  # (N, kept)
-            mask_parts.append(_each_slot(exists, slots, dim=1).unsqueeze(1).expand(-1, w0, -1))
+            mask_parts.append(each_slot(exists, slots, dim=1).unsqueeze(1).expand(-1, w0, -1))
 
             state_shape = (batch, heads, level_width * slots, width)
             newest = end // span  # level-l items complete at each element's end (int or (B,))
@@ -347,15 +283,15 @@ class HierarchicalAttention(nn.Module):
         memories = []
         for level in range(1, len(self.windows)):
             level_width = self.windows[level]
-            age_keys = _each_slot(self.age_keys[level - 1] * self.content_mask, slots, dim=1)
-            age_values = _each_slot(self.age_values[level - 1], slots, dim=1)  # (H, w_l*K, E)
+            age_keys = each_slot(self.age_keys[level - 1] * self.content_mask, slots, dim=1)
+            age_values = each_slot(self.age_values[level - 1], slots, dim=1)  # (H, w_l*K, E)
             memory_values = state[f"memory_values_{level}"]  # (B, H, w_l*K, E)
             scores.append(torch.matmul(queries, state[f"memory_keys_{level}"].transpose(-1, -2))
-                          + _times_shared(queries, age_keys.transpose(-1, -2)))  # (B, H, 1, w_l*K)
+                          + times_shared(queries, age_keys.transpose(-1, -2)))  # (B, H, 1, w_l*K)
             memories.append((memory_values, age_values))
             complete = state["written"][:, level - 1]  # (B,) items this level has written
             exists = complete.view(batch, 1) - level_width + torch.arange(level_width, device=x.device) >= 0
-            masks.append(_each_slot(exists, slots, dim=1))  # (B, w_l*K)
+            masks.append(each_slot(exists, slots, dim=1))  # (B, w_l*K)
         mask = torch.cat(masks, dim=1).view(batch, 1, 1, -1)  # (B, 1, 1, S)
         weights = (torch.cat(scores, dim=-1) * width ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1)
         weights = weights.split([w0, 1] + [v.shape[2] for v, _ in memories], dim=-1)
@@ -364,7 +300,7 @@ class HierarchicalAttention(nn.Module):
             self.trace.append({"attention": [local.detach()] + [part.squeeze(2).detach() for part in weights[2:]]})
         attended = torch.matmul(weights[0], old_values) + weights[1] * values  # (B, H, 1, E)
         for part, (memory_values, age_values) in zip(weights[2:], memories):
-            attended = attended + torch.matmul(part, memory_values) + _times_shared(part, age_values)
+            attended = attended + torch.matmul(part, memory_values) + times_shared(part, age_values)
         output = self.output(attended.transpose(1, 2).reshape(batch, d_model))  # (B, D)
 
         if ring == "defer":

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .attention import ring_write
+from .windows import ring_write
 from .block import HNAEBlock
 from .config import HNAEConfig
 from .reach import first_visible_stack, receptive_field

@@ -21,9 +21,8 @@ import sys
 
 import torch
 
-from hnae import attention, block, pooling
+from hnae import attention, block, kernels, pooling
 from hnae import model as hnae_model
-from hnae.kernels import attend
 from hnae_bench import models, train_cli
 
 for switch, table in (("FIRST", models.HNAE_FIRST_WINDOW), ("WIN", models.HNAE_WINDOWS),
@@ -74,16 +73,10 @@ if os.environ.get("PLACE") == "shift":
     block.HNAEBlock.forward_chunk = shifted_forward_chunk
 
 if os.environ.get("POOL") == "dev":
-    def pool_deviations(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        batch, heads, blocks, items, width = keys.shape  # (B, H, M, n, E)
-        keys = (keys + self.place_keys.unsqueeze(1)).flatten(0, 1)  # (B*H, M, n, E)
-        values = (values + self.place_values.unsqueeze(1)).flatten(0, 1)
-        queries = (self.queries * self.content_mask).unsqueeze(1)  # (H, 1, K, E)
-        queries = queries.expand(heads, blocks, self.slots, width).repeat(batch, 1, 1, 1)
-        pooled = attend(queries, keys, values) - values.mean(dim=2, keepdim=True)  # (B*H, M, K, E)
-        pooled = pooled.view(batch, heads, blocks, self.slots, width).permute(0, 2, 3, 1, 4)
-        return self.norm(self.output(pooled.reshape(batch, blocks, self.slots, heads * width)))
-    pooling.AttentionPool.forward = pool_deviations
+    def attend_minus_mean(queries, keys, values, mask=None):
+        """The pool's attention less its block's mean value: values (B*H, M, n, E) -> (B*H, M, K, E)."""
+        return kernels.attend(queries, keys, values, mask) - values.mean(dim=2, keepdim=True)
+    pooling.attend = attend_minus_mean  # the pool's values already carry the place values
 
 if __name__ == "__main__":
     sys.exit(train_cli.main(sys.argv[1:]))
