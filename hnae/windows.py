@@ -70,6 +70,8 @@ RING_WRITES = ("copy", "in_place", "defer")
 
 
 def ring_write(ring: torch.Tensor, slot: torch.Tensor, item: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """ring (B, H, w, E) with item (B, H, 1, E) written at slot (B,) of each stream."""
+    """ring (B, H, w, E) with item (B, H, 1, E) written at slot (B,) of each stream. The ring keeps
+    its dtype: under autocast the item may be bf16 while the state is float32."""
+    item = item.to(ring.dtype)
     index = slot.view(-1, 1, 1, 1).expand_as(item)
     return ring.scatter_(2, index, item) if in_place else ring.scatter(2, index, item)

@@ -107,3 +107,20 @@ def test_local_window_is_a_ring_one_slot_per_step():
         _, after = model.step(x[:, 10], before)
     changed = (after.layers[0]["local_keys"] != before.layers[0]["local_keys"]).any(dim=(0, 1, 3))  # (w0,)
     assert changed.tolist() == [slot == 10 % 4 for slot in range(4)]
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_streaming_under_bf16_autocast_keeps_the_state_dtype(in_place):
+    """Under autocast the projections give bf16 keys while the state is float32: the step must write
+    them into the float32 rings (scatter refuses mixed dtypes), and stay close to the fp32 stream."""
+    model = tiny_model((4, 3), 2)
+    x = random_input(2, 30, 5)
+    with torch.no_grad():
+        _, exact_state = model(x[:, :9])
+        _, state = model(x[:, :9])
+        for t in range(9, 30):  # crosses level-1 and level-2 block completions
+            expected, exact_state = model.step(x[:, t], exact_state)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                output, state = model.step(x[:, t], state, in_place=in_place)
+            assert all(tensor.dtype == torch.float32 for tensor in state.tensors() if tensor.is_floating_point())
+            assert (output.float() - expected).abs().max().item() < 0.1  # bf16 keeps ~3 significant digits
