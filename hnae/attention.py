@@ -53,7 +53,7 @@ class HierarchicalAttention(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, windows: tuple[int, ...], summary_slots: int = 1,
                  bias: bool = True, write_policy: tuple = (), thresholds: tuple = (), budgets: tuple = (),
-                 device=None, dtype=None) -> None:
+                 place_rank: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_heads = d_model, num_heads
@@ -70,7 +70,7 @@ class HierarchicalAttention(nn.Module):
         self.register_buffer("content_mask", content, persistent=False)  # (E,)
         self.pools = nn.ModuleList(
             AttentionPool(d_model, num_heads, width * (1 if level == 0 else summary_slots), summary_slots,
-                          content, bias=bias, **factory)
+                          content, bias=bias, place_rank=place_rank, **factory)
             for level, width in enumerate(self.windows[:-1]))
         self.age_keys = nn.ParameterList(
             nn.Parameter(torch.randn(num_heads, width, self.head_width, **factory) * 0.02)

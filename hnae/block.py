@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .attention import HierarchicalAttention
+from .places import add_place_table, place_table
 
 
 class HNAEBlock(nn.Module):
@@ -26,17 +27,17 @@ class HNAEBlock(nn.Module):
     def __init__(self, in_features: int, hidden_size: int, num_heads: int, windows: tuple[int, ...],
                  summary_slots: int, ffn_width: int, proj_size: int = 0, bias: bool = True,
                  write_policy: tuple = (), thresholds: tuple = (), budgets: tuple = (),
-                 device=None, dtype=None) -> None:
+                 place_rank: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.project_in = (nn.Identity() if in_features == hidden_size
                            else nn.Linear(in_features, hidden_size, bias=bias, **factory))
         # Where each step sits in its level-0 block: order inside windows (copying needs it).
-        self.place_embedding = nn.Parameter(torch.randn(windows[0], hidden_size, **factory) * 0.02)
+        add_place_table(self, "place_embedding", (windows[0], hidden_size), place_rank, factory)  # (w_0, D)
         self.norm_attention = nn.LayerNorm(hidden_size, **factory)
         self.attention = HierarchicalAttention(hidden_size, num_heads, windows, summary_slots, bias=bias,
                                                write_policy=write_policy, thresholds=thresholds,
-                                               budgets=budgets, **factory)
+                                               budgets=budgets, place_rank=place_rank, **factory)
         self.norm_feed_forward = nn.LayerNorm(hidden_size, **factory)
         self.feed_forward = nn.Sequential(
             nn.Linear(hidden_size, ffn_width, bias=bias, **factory),
@@ -50,8 +51,9 @@ class HNAEBlock(nn.Module):
     def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,
                       end) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, C, in_features) at positions start.. ; returns (B, C, out_features) and the state at end."""
-        places = torch.arange(start, start + x.shape[1], device=x.device) % self.place_embedding.shape[0]
-        hidden = self.project_in(x) + self.place_embedding[places]  # (B, C, D)
+        place_embedding = place_table(self, "place_embedding")  # (w_0, D)
+        places = torch.arange(start, start + x.shape[1], device=x.device) % place_embedding.shape[0]
+        hidden = self.project_in(x) + place_embedding[places]  # (B, C, D)
         attended, new_state = self.attention.forward_chunk(self.norm_attention(hidden), state, start, end)
         hidden = hidden + attended
         hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))
@@ -63,7 +65,8 @@ class HNAEBlock(nn.Module):
         """One input per stream: x (B, in_features) at positions (B,) -> (B, out_features), state.
 
         ``ring``: how the local window's slot is written (see ``HierarchicalAttention.step``)."""
-        hidden = self.project_in(x) + self.place_embedding[position % self.place_embedding.shape[0]]  # (B, D)
+        place_embedding = place_table(self, "place_embedding")  # (w_0, D)
+        hidden = self.project_in(x) + place_embedding[position % place_embedding.shape[0]]  # (B, D)
         attended, new_state = self.attention.step(self.norm_attention(hidden), state, position, branch_free,
                                                   completes, ring)
         hidden = hidden + attended

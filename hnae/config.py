@@ -40,6 +40,9 @@ class HNAEConfig:
     write_policy, threshold, budget: which summaries each level ``l >= 1`` writes into
         its memory (see ``hnae.write_policy``); one value for every summary level or a
         tuple of ``len(windows) - 1``. Normalised to tuples.
+    place_rank: None (default) for full learned place tables (the block's place
+        embedding and each pool's place keys and values), or ``r``: each table a
+        product of two rank-``r`` factors (fewer parameters; see ``hnae.places``).
     """
 
     input_size: int
@@ -57,6 +60,7 @@ class HNAEConfig:
     write_policy: str | tuple[str, ...] = "all"
     threshold: float | tuple[float, ...] | None = None
     budget: float | tuple[float, ...] | None = None
+    place_rank: int | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -65,6 +69,8 @@ class HNAEConfig:
         _require_int("num_layers", self.num_layers, 1)
         _require_int("proj_size", self.proj_size, 0)
         _require_int("summary_slots", self.summary_slots, 1)
+        if self.place_rank is not None:
+            _require_int("place_rank", self.place_rank, 1)
         for flag in ("bias", "batch_first", "bidirectional"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import attend
+from .places import add_place_table, place_table
 
 
 class AttentionPool(nn.Module):
@@ -30,13 +31,14 @@ class AttentionPool(nn.Module):
     """
 
     def __init__(self, d_model: int, num_heads: int, items_per_block: int, slots: int,
-                 content_mask: torch.Tensor, bias: bool = True, device=None, dtype=None) -> None:
+                 content_mask: torch.Tensor, bias: bool = True, place_rank: int | None = None,
+                 device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         head_width = d_model // num_heads
         self.num_heads, self.items_per_block, self.slots = num_heads, items_per_block, slots
-        self.place_keys = nn.Parameter(torch.randn(num_heads, items_per_block, head_width, **factory) * 0.02)
-        self.place_values = nn.Parameter(torch.randn(num_heads, items_per_block, head_width, **factory) * 0.02)
+        for name in ("place_keys", "place_values"):  # (H, n, E) each
+            add_place_table(self, name, (num_heads, items_per_block, head_width), place_rank, factory)
         self.queries = nn.Parameter(torch.randn(num_heads, slots, head_width, **factory) * 0.5)  # (H, K, E)
         self.register_buffer("content_mask", content_mask.clone(), persistent=False)  # (E,)
         self.output = nn.Linear(d_model, d_model, bias=bias, **factory)
@@ -46,8 +48,8 @@ class AttentionPool(nn.Module):
         batch, heads, blocks, items, width = keys.shape  # (B, H, M, n, E)
         if items != self.items_per_block:
             raise ValueError(f"keys: expected {self.items_per_block} items per block, got {items}")
-        keys = (keys + self.place_keys.unsqueeze(1)).flatten(0, 1)  # (B*H, M, n, E)
-        values = (values + self.place_values.unsqueeze(1)).flatten(0, 1)  # (B*H, M, n, E)
+        keys = (keys + place_table(self, "place_keys").unsqueeze(1)).flatten(0, 1)  # (B*H, M, n, E)
+        values = (values + place_table(self, "place_values").unsqueeze(1)).flatten(0, 1)  # (B*H, M, n, E)
         queries = (self.queries * self.content_mask).unsqueeze(1)  # (H, 1, K, E)
         queries = queries.expand(heads, blocks, self.slots, width).repeat(batch, 1, 1, 1)  # (B*H, M, K, E)
         pooled = attend(queries, keys, values)  # (B*H, M, K, E)

@@ -72,7 +72,8 @@ def _from_train_checkpoint(path: Path, config: dict) -> ExportSource:
                             summary_slots=model_config["summary_slots"], num_heads=model_config.get("num_heads"),
                             ffn_multiplier=model_config["ffn_multiplier"],
                             write_policy=_tuple(model_config.get("write_policy", "all")),
-                            threshold=_tuple(model_config.get("threshold")), budget=_tuple(model_config.get("budget")))
+                            threshold=_tuple(model_config.get("threshold")), budget=_tuple(model_config.get("budget")),
+                            place_rank=model_config.get("place_rank"))  # absent in older checkpoints: full tables
         model = SequenceModel(HNAEBody(encoder), model_config["width"], model_config["input_size"],
                               model_config["output_size"])
     except (TypeError, ValueError) as error:

@@ -40,6 +40,10 @@ HNAE_DEPTH = {'small': 2, 'large': 3}        # hnae layers: large trades a layer
 HNAE_WINDOWS = {'small': 8, 'large': 16}
 HNAE_FIRST_WINDOW = {'small': 128, 'large': 64}  # level 0: a wide local window learns recall fast
 HNAE_SLOTS = {'small': 8, 'large': 2}        # small: copy-style recall of many symbols; large: long T
+# small: rank-8 place tables. Full tables (128 places x D per layer, and per pool) took 24k of the
+# 40k parameters and left width 24, which stalled on copy T = 200 in 6 of 7 race runs; rank 8 gives
+# width 32 at 42k, which solved T = 200 in 3 of 4 (docs/RESULTS.md, "place tables").
+HNAE_PLACE_RANK = {'small': 8, 'large': None}
 # heads: small keeps the default (>= 16 wide, so slots x heads >= 10 symbols fit a block);
 # large uses 2 heads of 36: the CPU's fused attention is faster on wider heads (interleaved A/B,
 # T=4k, 2-core EPYC: 4 heads of 18 14.4k, 2 of 36 15.3k, 1 of 72 19.4k tokens/s; one head is a weak model)
@@ -245,11 +249,13 @@ def _recipe_hnae(task, preset, max_len, write_policy='all', threshold=None, budg
 
     def make(width):
         encoder = hnae.HNAE(task.input_size, width, num_layers=layers, batch_first=True, windows=windows,
-                            num_heads=HNAE_HEADS[preset], summary_slots=slots, ffn_multiplier=2, **policy)
+                            num_heads=HNAE_HEADS[preset], summary_slots=slots, ffn_multiplier=2,
+                            place_rank=HNAE_PLACE_RANK[preset], **policy)
         return HNAEBody(encoder)
     return BodyRecipe(make, 8, {'num_layers': layers, 'windows': list(windows), 'summary_slots': slots,
                                 'num_heads': HNAE_HEADS[preset],
-                                'ffn_multiplier': 2, 'guaranteed_reach': math.prod(windows), **policy})
+                                'ffn_multiplier': 2, 'place_rank': HNAE_PLACE_RANK[preset],
+                                'guaranteed_reach': math.prod(windows), **policy})
 
 
 def _recipe_recurrent(rnn_class):

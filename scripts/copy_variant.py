@@ -4,7 +4,8 @@
 
 Environment switches (unset: the preset as it is):
     FIRST   level-0 window (the preset's 128)     WIN   window of the levels above (8)
-    SLOTS   summary slots (8)
+    SLOTS   summary slots (8)                   WIDTH  body width (default: the one nearest 40k parameters)
+    PLACE_RANK  the small preset's place_rank (8): an int, or "full" for full place tables
     AGE=zero   summary age embeddings (keys and values) fixed at zero: summaries are told apart
                by content only
     POOL=dev   a summary pools each slot's deviation from its block's mean value (place values
@@ -23,12 +24,20 @@ import torch
 
 from hnae import attention, block, kernels, pooling
 from hnae import model as hnae_model
+from hnae.places import place_table
 from hnae_bench import models, train_cli
 
 for switch, table in (("FIRST", models.HNAE_FIRST_WINDOW), ("WIN", models.HNAE_WINDOWS),
                       ("SLOTS", models.HNAE_SLOTS)):
     if switch in os.environ:
         table["small"] = int(os.environ[switch])
+
+if "WIDTH" in os.environ:  # a fixed body width instead of the one that meets the parameter target
+    models.fit_width = lambda *args, **kwargs: int(os.environ["WIDTH"])
+
+if "PLACE_RANK" in os.environ:  # the preset's place-table rank; "full": full tables
+    value = os.environ["PLACE_RANK"]
+    models.HNAE_PLACE_RANK["small"] = None if value == "full" else int(value)
 
 if os.environ.get("AGE") == "zero":
     original_init = attention.HierarchicalAttention.__init__
@@ -45,8 +54,10 @@ if os.environ.get("PLACE") == "zero":
 
     def init_without_place(self, *args, **kwargs):
         original_block_init(self, *args, **kwargs)
-        self.place_embedding.data.zero_()  # (w_0, D)
-        self.place_embedding.requires_grad_(False)
+        for name in ("place_embedding", "place_embedding_columns"):  # full (w_0, D) or factored
+            if name in self._parameters:
+                self._parameters[name].data.zero_()
+                self._parameters[name].requires_grad_(False)
     block.HNAEBlock.__init__ = init_without_place
 
 if os.environ.get("PLACE") == "shift":
@@ -54,17 +65,18 @@ if os.environ.get("PLACE") == "shift":
 
     def forward_with_shifts(self, input, state=None, lengths=None):
         for (layer,) in self.layers:  # one random phase per sequence and layer for this call
-            width = layer.place_embedding.shape[0]
+            width = layer.attention.windows[0]
             batch = input.shape[0] if self.batch_first else input.shape[1]
             layer.place_shift = torch.randint(width, (batch, 1), device=input.device) if self.training else None
         return original_forward(self, input, state, lengths)
 
     def shifted_forward_chunk(self, x, state, start, end):
-        width = self.place_embedding.shape[0]
+        place_embedding = place_table(self, "place_embedding")  # (w_0, D)
+        width = place_embedding.shape[0]
         places = torch.arange(start, start + x.shape[1], device=x.device)  # (C,)
         shift = getattr(self, "place_shift", None)
         places = (places + shift) % width if shift is not None else places % width  # (B, C) or (C,)
-        hidden = self.project_in(x) + self.place_embedding[places]  # (B, C, D)
+        hidden = self.project_in(x) + place_embedding[places]  # (B, C, D)
         attended, new_state = self.attention.forward_chunk(self.norm_attention(hidden), state, start, end)
         hidden = hidden + attended
         hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))

@@ -17,6 +17,8 @@ from conftest import random_input, tiny_model
     ({"num_heads": 3}, ValueError, "num_heads"),
     ({"dropout": 1.5}, ValueError, "dropout"),
     ({"summary_slots": 0}, ValueError, "summary_slots"),
+    ({"place_rank": 0}, ValueError, "place_rank"),
+    ({"place_rank": 2.0}, TypeError, "place_rank"),
     ({"num_layers": 0}, ValueError, "num_layers"),
 ])
 def test_bad_constructor_arguments(options, error, name):
