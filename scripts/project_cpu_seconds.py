@@ -26,10 +26,10 @@ def seconds_per_step(rows: list[dict]) -> dict[int, float]:
     return {length: statistics.median(values) for length, values in spans.items()}
 
 
-def project(rows: list[dict], cost: dict[int, float]) -> tuple[dict[int, int], float | None]:
-    """Rung -> first step logged on it; CPU seconds until the last rung was solved (None: never).
-    A record's seq_len is the rung trained since the record before it (the rung moves up after an
-    evaluation), so each span of steps is charged at its own rung's cost."""
+def project(rows: list[dict], cost: dict[int, float]) -> tuple[dict[int, int], int | None, float | None]:
+    """Rung -> first step logged on it; the step and CPU seconds at which the last rung was solved
+    (None, None: never). A record's seq_len is the rung trained since the record before it (the rung
+    moves up after an evaluation), so each span of steps is charged at its own rung's cost."""
     first: dict[int, int] = {}
     for row in rows:
         first.setdefault(row["seq_len"], row["step"])
@@ -38,8 +38,8 @@ def project(rows: list[dict], cost: dict[int, float]) -> tuple[dict[int, int], f
         seconds += (row["step"] - previous_step) * cost[row["seq_len"]]
         previous_step = row["step"]
         if row["seq_len"] == max(first) and row["solved"]:
-            return first, seconds
-    return first, None
+            return first, row["step"], seconds
+    return first, None, None
 
 
 def main(reference: str, runs: list[str]) -> None:
@@ -51,11 +51,10 @@ def main(reference: str, runs: list[str]) -> None:
         path = Path(run)
         path = path / "metrics.jsonl" if path.is_dir() else path
         rows = read(path)
-        first, seconds = project(rows, cost)
-        solved = [row["step"] for row in rows if row["seq_len"] == max(first) and row["solved"]]
+        first, solved_step, seconds = project(rows, cost)
         name = path.parent.name if path.name == "metrics.jsonl" else path.name.removesuffix("-metrics.jsonl")
         print(f"| {name} | {', '.join(f'{k}: {v}' for k, v in first.items())} | {rows[-1]['step']} "
-              f"| {rows[-1]['seq_len']}, {rows[-1]['eval']['accuracy']:.3f} | {solved[0] if solved else '-'} "
+              f"| {rows[-1]['seq_len']}, {rows[-1]['eval']['accuracy']:.3f} | {'-' if solved_step is None else solved_step} "
               f"| {'-' if seconds is None else round(seconds)} |")
 
 
