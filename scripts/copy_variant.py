@@ -15,6 +15,9 @@ Environment switches (unset: the preset as it is):
     PLACE=shift in training, each sequence reads the place embedding at (t + r) mod w_0 with its
                own random r (one draw per layer and call): places keep their differences but
                no longer tell where a block starts (evaluation reads it unshifted)
+    POOL_PLACE=s  the pools' place keys start s times larger (std 0.02 * s): slots tell places apart
+               from the first step instead of pooling a bag of the block's contents
+    POOL_QUERY=s  the pools' slot queries start s times larger (std 0.5 * s): sharper pooling
 The arguments are those of `hnae train`. Nothing here changes the library or the bench defaults.
 """
 import os
@@ -89,6 +92,24 @@ if os.environ.get("POOL") == "dev":
         """The pool's attention less its block's mean value: values (B*H, M, n, E) -> (B*H, M, K, E)."""
         return kernels.attend(queries, keys, values, mask) - values.mean(dim=2, keepdim=True)
     pooling.attend = attend_minus_mean  # the pool's values already carry the place values
+
+if "POOL_PLACE" in os.environ:
+    original_pool_init = pooling.AttentionPool.__init__
+
+    def init_with_larger_places(self, *args, **kwargs):
+        original_pool_init(self, *args, **kwargs)
+        for name in ("place_keys", "place_keys_columns"):  # full (H, n, E) or factored
+            if name in self._parameters:
+                self._parameters[name].data.mul_(float(os.environ["POOL_PLACE"]))
+    pooling.AttentionPool.__init__ = init_with_larger_places
+
+if "POOL_QUERY" in os.environ:
+    original_query_init = pooling.AttentionPool.__init__
+
+    def init_with_larger_queries(self, *args, **kwargs):
+        original_query_init(self, *args, **kwargs)
+        self.queries.data.mul_(float(os.environ["POOL_QUERY"]))
+    pooling.AttentionPool.__init__ = init_with_larger_queries
 
 if __name__ == "__main__":
     sys.exit(train_cli.main(sys.argv[1:]))
