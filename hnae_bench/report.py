@@ -138,7 +138,18 @@ def verdict(results: dict) -> str:
     if met:
         outcome = "met" if all(met) else "NOT met"
         sentence += f" Target (hnae >= {TARGET_RATIO}x lstm and gru): {outcome}."
-    return sentence
+    return sentence + _further_than_hnae(models, hnae_best or 0)
+
+
+def _further_than_hnae(models: dict, hnae_best: int) -> str:
+    """A sentence naming every model of the race that solved a longer copy T than hnae, or ''."""
+    ahead = sorted(((entry["longest_solved"], name) for name, entry in models.items()
+                    if name != "hnae" and entry.get("status") == "ok"
+                    and (entry.get("longest_solved") or 0) > hnae_best), reverse=True)
+    if not ahead:
+        return " No model of this race solved a longer T than hnae."
+    named = ", ".join(f"{name} (T = {best:,})" for best, name in ahead)
+    return f" Further than hnae in this race: {named}."
 
 
 # ---- sections ----------------------------------------------------------------

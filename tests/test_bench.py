@@ -189,6 +189,13 @@ def test_verdict_states_ratios_and_shortfalls():
     assert "lstm solved no rung (lowest T = 50), so hnae/lstm > 10.0x" in none and "NOT" not in none
 
 
+def test_verdict_names_the_models_that_climbed_further():
+    behind = report.verdict(_results(hnae=200, lstm=None, gru=1000, tcn=2000, transformer=200))
+    assert behind.endswith("Further than hnae in this race: tcn (T = 2,000), gru (T = 1,000).")
+    ahead = report.verdict(_results(hnae=1000, lstm=100, gru=200, tcn=500))
+    assert ahead.endswith("No model of this race solved a longer T than hnae.")
+
+
 def test_streaming_check_detects_a_model_whose_streaming_differs():
     """The section compares real outputs: a model whose streamed output is off is reported as unequal."""
     from hnae_bench.models import build_model
