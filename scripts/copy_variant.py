@@ -18,6 +18,8 @@ Environment switches (unset: the preset as it is):
     POOL_PLACE=s  the pools' place keys start s times larger (std 0.02 * s): slots tell places apart
                from the first step instead of pooling a bag of the block's contents
     POOL_QUERY=s  the pools' slot queries start s times larger (std 0.5 * s): sharper pooling
+    POOL_LR=m  the pools' slot queries and place tables train at m times the learning rate
+               (the same start; the slots can sharpen m times faster)
 The arguments are those of `hnae train`. Nothing here changes the library or the bench defaults.
 """
 import os
@@ -28,7 +30,7 @@ import torch
 from hnae import attention, block, kernels, pooling
 from hnae import model as hnae_model
 from hnae.places import place_table
-from hnae_bench import models, train_cli
+from hnae_bench import models, train, train_cli
 
 for switch, table in (("FIRST", models.HNAE_FIRST_WINDOW), ("WIN", models.HNAE_WINDOWS),
                       ("SLOTS", models.HNAE_SLOTS)):
@@ -110,6 +112,22 @@ if "POOL_QUERY" in os.environ:
         original_query_init(self, *args, **kwargs)
         self.queries.data.mul_(float(os.environ["POOL_QUERY"]))
     pooling.AttentionPool.__init__ = init_with_larger_queries
+
+if "POOL_LR" in os.environ:
+    original_trainer_init = train.Trainer.__init__
+
+    def init_with_faster_pools(self, *args, **kwargs):
+        original_trainer_init(self, *args, **kwargs)
+        if self.step:
+            raise SystemExit("POOL_LR: resuming is not supported")
+        def sharpens(name):  # a pool's slot queries and place keys and values
+            return ".pools." in name and (name.endswith(".queries") or ".place_" in name)
+        pooled = [p for n, p in self.model.named_parameters() if sharpens(n)]
+        others = [p for n, p in self.model.named_parameters() if not sharpens(n)]
+        lr = self.config.lr
+        self.optimizer = torch.optim.Adam([{"params": others, "lr": lr},
+                                           {"params": pooled, "lr": lr * float(os.environ["POOL_LR"])}])
+    train.Trainer.__init__ = init_with_faster_pools
 
 if __name__ == "__main__":
     sys.exit(train_cli.main(sys.argv[1:]))
