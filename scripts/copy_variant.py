@@ -10,6 +10,8 @@ Environment switches (unset: the preset as it is):
                by content only
     POOL=dev   a summary pools each slot's deviation from its block's mean value (place values
                included) instead of the weighted values themselves
+    POOL=compete  slots compete for items (slot attention): each item's weights are a softmax over
+               the slots, then each slot's weights are renormalised over the items
     PLACE=zero the block's place embedding (added to every layer's input at t mod w_0) fixed at
                zero: nothing tells a step where it sits in its level-0 block
     PLACE=shift in training, each sequence reads the place embedding at (t + r) mod w_0 with its
@@ -88,6 +90,15 @@ if os.environ.get("PLACE") == "shift":
         return self.project_out(self.norm_output(hidden)), new_state
     hnae_model.HNAE.forward = forward_with_shifts
     block.HNAEBlock.forward_chunk = shifted_forward_chunk
+
+if os.environ.get("POOL") == "compete":
+    def attend_competing(queries, keys, values, mask=None):
+        """queries (B*H, M, K, E), keys and values (B*H, M, n, E) -> (B*H, M, K, E)."""
+        logits = torch.matmul(queries, keys.transpose(-1, -2)) * queries.shape[-1] ** -0.5  # (B*H, M, K, n)
+        weights = logits.softmax(dim=-2)  # each item split over the slots
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)  # each slot: a mean of its share
+        return torch.matmul(weights, values)
+    pooling.attend = attend_competing
 
 if os.environ.get("POOL") == "dev":
     def attend_minus_mean(queries, keys, values, mask=None):
