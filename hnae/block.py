@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .attention import HierarchicalAttention
-from .places import add_place_table, place_table
+from .places import add_place_table, place_rows
 
 
 class HNAEBlock(nn.Module):
@@ -34,6 +34,7 @@ class HNAEBlock(nn.Module):
                            else nn.Linear(in_features, hidden_size, bias=bias, **factory))
         # Where each step sits in its level-0 block: order inside windows (copying needs it).
         add_place_table(self, "place_embedding", (windows[0], hidden_size), place_rank, factory)  # (w_0, D)
+        self.place_count = windows[0]
         self.norm_attention = nn.LayerNorm(hidden_size, **factory)
         self.attention = HierarchicalAttention(hidden_size, num_heads, windows, summary_slots, bias=bias,
                                                write_policy=write_policy, thresholds=thresholds,
@@ -51,9 +52,8 @@ class HNAEBlock(nn.Module):
     def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,
                       end) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, C, in_features) at positions start.. ; returns (B, C, out_features) and the state at end."""
-        place_embedding = place_table(self, "place_embedding")  # (w_0, D)
-        places = torch.arange(start, start + x.shape[1], device=x.device) % place_embedding.shape[0]
-        hidden = self.project_in(x) + place_embedding[places]  # (B, C, D)
+        places = torch.arange(start, start + x.shape[1], device=x.device) % self.place_count
+        hidden = self.project_in(x) + place_rows(self, "place_embedding", places)  # (B, C, D)
         attended, new_state = self.attention.forward_chunk(self.norm_attention(hidden), state, start, end)
         hidden = hidden + attended
         hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))
@@ -65,8 +65,7 @@ class HNAEBlock(nn.Module):
         """One input per stream: x (B, in_features) at positions (B,) -> (B, out_features), state.
 
         ``ring``: how the local window's slot is written (see ``HierarchicalAttention.step``)."""
-        place_embedding = place_table(self, "place_embedding")  # (w_0, D)
-        hidden = self.project_in(x) + place_embedding[position % place_embedding.shape[0]]  # (B, D)
+        hidden = self.project_in(x) + place_rows(self, "place_embedding", position % self.place_count)  # (B, D)
         attended, new_state = self.attention.step(self.norm_attention(hidden), state, position, branch_free,
                                                   completes, ring)
         hidden = hidden + attended

@@ -36,3 +36,13 @@ def place_table(owner: nn.Module, name: str) -> torch.Tensor:
     if full is not None:
         return full
     return torch.matmul(owner._parameters[f"{name}_rows"], owner._parameters[f"{name}_columns"])
+
+
+def place_rows(owner: nn.Module, name: str, places: torch.Tensor) -> torch.Tensor:
+    """Rows ``places`` (any shape of indices) of a 2-D table (n, F): (*places.shape, F).
+
+    A factored table picks its rank-r rows first, so a streaming step multiplies B rows, not all n."""
+    full = owner._parameters.get(name)
+    if full is not None:
+        return full[places]
+    return torch.matmul(owner._parameters[f"{name}_rows"][places], owner._parameters[f"{name}_columns"])

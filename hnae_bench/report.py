@@ -142,7 +142,7 @@ def verdict(results: dict) -> str:
 
 
 def _further_than_hnae(models: dict, hnae_best: int) -> str:
-    """A sentence naming every model of the race that solved a longer copy T than hnae, or ''."""
+    """A sentence naming every model of the race that solved a longer copy T than hnae, or saying none did."""
     ahead = sorted(((entry["longest_solved"], name) for name, entry in models.items()
                     if name != "hnae" and entry.get("status") == "ok"
                     and (entry.get("longest_solved") or 0) > hnae_best), reverse=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import random_input, run_in_chunks, tiny_model
-from hnae.places import add_place_table, place_table
+from hnae.places import add_place_table, place_rows, place_table
 
 TOLERANCE = 1e-5
 
@@ -43,6 +43,15 @@ def test_factored_table_is_the_product_and_learns_through_both_factors():
     assert 0.005 < table.std().item() < 0.05  # initialised like a full table (std 0.02)
     table.sum().backward()
     assert owner.table_rows.grad.abs().sum() > 0 and owner.table_columns.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_place_rows_are_the_tables_rows(rank):
+    owner = torch.nn.Module()
+    add_place_table(owner, "table", (6, 5), rank, {})
+    places = torch.tensor([[5, 0], [3, 3]])  # any index shape
+    rows = place_rows(owner, "table", places)  # (2, 2, 5)
+    torch.testing.assert_close(rows, place_table(owner, "table")[places], rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("plan", [[1], [3], [5, 2, 9]])
