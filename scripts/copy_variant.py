@@ -5,6 +5,7 @@
 Environment switches (unset: the preset as it is):
     FIRST   level-0 window (the preset's 128)     WIN   window of the levels above (8)
     SLOTS   summary slots (8)                   WIDTH  body width (default: the one nearest 40k parameters)
+    HEADS   attention heads (default: the most that leave heads >= 16 wide; 2 at width 40)
     PLACE_RANK  the small preset's place_rank (8): an int, or "full" for full place tables
     AGE=zero   summary age embeddings (keys and values) fixed at zero: summaries are told apart
                by content only
@@ -38,6 +39,9 @@ for switch, table in (("FIRST", models.HNAE_FIRST_WINDOW), ("WIN", models.HNAE_W
                       ("SLOTS", models.HNAE_SLOTS)):
     if switch in os.environ:
         table["small"] = int(os.environ[switch])
+
+if "HEADS" in os.environ:
+    models.HNAE_HEADS["small"] = int(os.environ["HEADS"])
 
 if "WIDTH" in os.environ:  # a fixed body width instead of the one that meets the parameter target
     models.fit_width = lambda *args, **kwargs: int(os.environ["WIDTH"])
