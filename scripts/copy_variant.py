@@ -23,6 +23,11 @@ Environment switches (unset: the preset as it is):
     POOL_QUERY=s  the pools' slot queries start s times larger (std 0.5 * s): sharper pooling
     POOL_LR=m  the pools' slot queries and place tables train at m times the learning rate
                (the same start; the slots can sharpen m times faster)
+    RECON=w    an auxiliary loss (weight w) that trains the level-1 pools to keep each place of a block:
+               learned per-place decoder queries attend over the summary's keys and values and must
+               give back each item's value; it reaches only the pools and the decoder queries (the
+               items and the layer's key/value projection are detached), like the compressive
+               transformer's reconstruction loss
 The arguments are those of `hnae train`. Nothing here changes the library or the bench defaults.
 """
 import os
@@ -143,6 +148,46 @@ if "POOL_LR" in os.environ:
         self.optimizer = torch.optim.Adam([{"params": others, "lr": lr},
                                            {"params": pooled, "lr": lr * float(os.environ["POOL_LR"])}])
     train.Trainer.__init__ = init_with_faster_pools
+
+if "RECON" in os.environ:
+    import torch.nn.functional as F
+    from torch import nn
+    reconstruction_losses = []
+    original_pool_init_r = pooling.AttentionPool.__init__
+
+    def init_with_decoder(self, d_model, num_heads, items_per_block, *args, **kwargs):
+        original_pool_init_r(self, d_model, num_heads, items_per_block, *args, **kwargs)
+        self.decoder_queries = nn.Parameter(  # (H, n, E): one query per place of the block
+            torch.randn(num_heads, items_per_block, d_model // num_heads) * 0.5)
+    pooling.AttentionPool.__init__ = init_with_decoder
+    original_summarise = attention.HierarchicalAttention.summarise
+
+    def summarise_and_reconstruct(self, level, keys, values):
+        result = original_summarise(self, level, keys, values)
+        if level == 1 and self.training and torch.is_grad_enabled() and keys.shape[2] > 0:
+            pool = self.pools[0]
+            summaries = pool(keys.detach(), values.detach())  # (B, M, K, D): only the pool learns from it
+            weight = self.query_key_value.weight[self.d_model:].detach()
+            bias = self.query_key_value.bias
+            bias = None if bias is None else bias[self.d_model:].detach()
+            slot_keys, slot_values = F.linear(summaries, weight, bias).chunk(2, dim=-1)
+            slot_keys = self._split_heads(slot_keys) * self.content_mask  # (B, H, M, K, E)
+            slot_values = self._split_heads(slot_values)
+            queries = (pool.decoder_queries * self.content_mask).unsqueeze(1).unsqueeze(0)  # (1, H, 1, n, E)
+            queries = queries.expand(keys.shape[0], -1, keys.shape[2], -1, -1)  # (B, H, M, n, E)
+            rebuilt = kernels.attend(queries.flatten(0, 1), slot_keys.flatten(0, 1), slot_values.flatten(0, 1))
+            reconstruction_losses.append(F.mse_loss(rebuilt, values.detach().flatten(0, 1)))
+        return result
+    attention.HierarchicalAttention.summarise = summarise_and_reconstruct
+    original_penalty = models.SequenceModel.write_penalty
+
+    def penalty_with_reconstruction(self):
+        total = original_penalty(self)
+        if reconstruction_losses:
+            total = total + float(os.environ["RECON"]) / train.WRITE_PENALTY_WEIGHT * sum(reconstruction_losses)
+            reconstruction_losses.clear()
+        return total
+    models.SequenceModel.write_penalty = penalty_with_reconstruction
 
 if __name__ == "__main__":
     sys.exit(train_cli.main(sys.argv[1:]))
