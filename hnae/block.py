@@ -34,7 +34,6 @@ class HNAEBlock(nn.Module):
                            else nn.Linear(in_features, hidden_size, bias=bias, **factory))
         # Where each step sits in its level-0 block: order inside windows (copying needs it).
         add_place_table(self, "place_embedding", (windows[0], hidden_size), place_rank, factory)  # (w_0, D)
-        self.place_count = windows[0]
         self.norm_attention = nn.LayerNorm(hidden_size, **factory)
         self.attention = HierarchicalAttention(hidden_size, num_heads, windows, summary_slots, bias=bias,
                                                write_policy=write_policy, thresholds=thresholds,
@@ -52,7 +51,7 @@ class HNAEBlock(nn.Module):
     def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,
                       end) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, C, in_features) at positions start.. ; returns (B, C, out_features) and the state at end."""
-        places = torch.arange(start, start + x.shape[1], device=x.device) % self.place_count
+        places = torch.arange(start, start + x.shape[1], device=x.device) % self.attention.windows[0]
         hidden = self.project_in(x) + place_rows(self, "place_embedding", places)  # (B, C, D)
         attended, new_state = self.attention.forward_chunk(self.norm_attention(hidden), state, start, end)
         hidden = hidden + attended
@@ -65,7 +64,8 @@ class HNAEBlock(nn.Module):
         """One input per stream: x (B, in_features) at positions (B,) -> (B, out_features), state.
 
         ``ring``: how the local window's slot is written (see ``HierarchicalAttention.step``)."""
-        hidden = self.project_in(x) + place_rows(self, "place_embedding", position % self.place_count)  # (B, D)
+        places = position % self.attention.windows[0]  # (B,)
+        hidden = self.project_in(x) + place_rows(self, "place_embedding", places)  # (B, D)
         attended, new_state = self.attention.step(self.norm_attention(hidden), state, position, branch_free,
                                                   completes, ring)
         hidden = hidden + attended

@@ -34,6 +34,8 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from hnae import attention, block, kernels, pooling
 from hnae import model as hnae_model
@@ -150,9 +152,7 @@ if "POOL_LR" in os.environ:
     train.Trainer.__init__ = init_with_faster_pools
 
 if "RECON" in os.environ:
-    import torch.nn.functional as F
-    from torch import nn
-    reconstruction_losses = []
+    reconstruction_losses = []  # this forward's per-layer losses, summed into the training loss
     original_pool_init_r = pooling.AttentionPool.__init__
 
     def init_with_decoder(self, d_model, num_heads, items_per_block, *args, **kwargs):
