@@ -4,7 +4,7 @@ Dimension letters (as in the rest of ``hnae``):
     B batch, C chunk length (time steps in this call), D model width,
     H heads, E head width (D = H * E), K summary slots,
     L levels with windows w_0 .. w_{L-1}, B_l inputs per level-l item,
-    N query blocks of w_0 positions in this chunk, S keys per query block.
+    N level-0 blocks in this chunk, Q query blocks of R positions, S keys per query block.
 
 Level-0 items are the inputs; a level-(l+1) item is the summary (K vectors) of
 one complete block of w_l level-l items, pooled from their keys and values.
@@ -13,8 +13,11 @@ Position t in level-0 block b attends with one softmax over
     - for each l >= 1, the last w_l level-l summaries complete when block b
       started, each with a learned embedding of its age in the window.
 All positions of a block share the summaries, so one
-``scaled_dot_product_attention`` call serves every block at once: queries
-(B*H, N, w_0, E) against keys (B*H, N, S, E), S = 2*w_0 + sum_l w_l*K.
+``scaled_dot_product_attention`` call serves every block at once: queries in
+blocks of R = ``query_rows`` positions (R divides w_0; w_0 by default),
+(B*H, Q, R, E) against keys (B*H, Q, S, E), S = w_0 + R + sum_l w_l*K.
+Smaller query blocks compute fewer masked scores but copy more keys: on a
+2-core CPU R = w_0 was as fast or faster (training steps on copy, T = 500, 1000).
 
 A chunk continues the stream held by the state (see ``hnae.state``); a fresh
 stream is the special case of an all-zero state at position 0. So the same
@@ -60,6 +63,7 @@ class HierarchicalAttention(nn.Module):
         self.head_width = d_model // num_heads
         self.windows, self.slots = tuple(windows), summary_slots
         self.spans = level_spans(self.windows)
+        self.query_rows = self.windows[0]  # positions per query block in forward_chunk (divides w0)
         self.query_key_value = nn.Linear(d_model, 3 * d_model, bias=bias, **factory)
         self.output = nn.Linear(d_model, d_model, bias=bias, **factory)
         # Rotary phase on the first dims of each head (local keys only); summary keys are
@@ -129,20 +133,44 @@ class HierarchicalAttention(nn.Module):
         # The state's ring holds input p at slot p mod w0: oldest first is a roll by the offset.
         key_stream = local_stream(torch.roll(state["local_keys"], -offset, dims=2), keys)
         value_stream = local_stream(torch.roll(state["local_values"], -offset, dims=2), values)
-        # Each query block sees the block before it and its own: overlapping windows of the
-        # stream, a view (its backward is one accumulation): (B, H, N, 2*w0, E).
-        key_parts = [key_stream.unfold(2, 2 * w0, w0).transpose(3, 4)]
-        value_parts = [value_stream.unfold(2, 2 * w0, w0).transpose(3, 4)]
-        query_blocks = torch.cat([queries.new_zeros(batch, heads, offset, width), queries,
-                                  queries.new_zeros(batch, heads, tail, width)], dim=2)
-        query_blocks = query_blocks.view(batch * heads, num_blocks, w0, width)  # (B*H, N, w0, E)
 
-        # Local mask: query i of block b sees key j (position (b-1)*w0 + j) iff i < j <= i + w0, j >= 0.
-        block_index = torch.arange(num_blocks, device=device) + block_start // w0  # (N,) absolute
-        query_place = torch.arange(w0, device=device).view(1, w0, 1)
-        key_place = torch.arange(2 * w0, device=device).view(1, 1, 2 * w0)
+        # Queries go in blocks of R = query_rows positions (R divides w0); each sees the w0 + R
+        # inputs before its block's end: fewer masked scores than whole level-0 blocks would
+        # compute. Query block q starts at absolute position rows_start + q * R.
+        rows = self.query_rows
+        if not (isinstance(rows, int) and 0 < rows <= w0 and w0 % rows == 0):
+            raise ValueError(f"query_rows must be a positive divisor of the first window {w0}, got {rows!r}")
+        row_offset = start % rows
+        rows_start = start - row_offset
+        num_queries = math.ceil((row_offset + length) / rows)  # query blocks (Q)
+        first = offset - row_offset  # key_stream index of position rows_start - w0
+        query_start = rows_start + torch.arange(num_queries, device=device) * rows  # (Q,) absolute
+        block_index = torch.div(query_start, w0, rounding_mode="floor")  # (Q,) level-0 block of each
+        last_block = (rows_start + (num_queries - 1) * rows) // w0  # level-0 block of the last query block
+        query_place = torch.arange(rows, device=device).view(1, rows, 1)
+        if num_queries == 1:  # a chunk inside one query block: its own rows and the keys they can see
+            first_key = max(row_offset + 1, w0 - rows_start)  # older keys are out of the window or before 0
+            last_key = w0 + row_offset + length  # (exclusive)
+            key_parts = [key_stream[:, :, first + first_key:first + last_key].unsqueeze(2)]  # (B, H, 1, S_0, E)
+            value_parts = [value_stream[:, :, first + first_key:first + last_key].unsqueeze(2)]
+            query_place = query_place[:, row_offset:row_offset + length]
+            key_place = torch.arange(first_key, last_key, device=device).view(1, 1, -1)
+            query_blocks = queries.unsqueeze(2)  # (B, H, 1, C, E)
+        else:  # keys of query block q: key_stream[first + q*R : first + q*R + w0 + R], as w0/R + 1 pieces
+            pieces = key_stream[:, :, first:first + (num_queries * rows + w0)]
+            pieces = pieces.view(batch, heads, num_queries + w0 // rows, rows, width)
+            value_pieces = value_stream[:, :, first:first + (num_queries * rows + w0)].view(pieces.shape)
+            key_parts = [pieces[:, :, k:k + num_queries] for k in range(w0 // rows + 1)]  # (B, H, Q, R, E)
+            value_parts = [value_pieces[:, :, k:k + num_queries] for k in range(w0 // rows + 1)]
+            key_place = torch.arange(w0 + rows, device=device).view(1, 1, -1)
+            query_blocks = torch.cat([queries.new_zeros(batch, heads, row_offset, width), queries,
+                                      queries.new_zeros(batch, heads, num_queries * rows - row_offset - length,
+                                                        width)], dim=2).view(batch, heads, num_queries, rows, width)
+        query_blocks = query_blocks.flatten(0, 1)  # (B*H, Q, R, E)
+        rows = query_blocks.shape[2]
+        # Local mask: query i of block q sees key j (position q_start - w0 + j) iff i < j <= i + w0, and j >= 0.
         mask_parts = [(key_place > query_place) & (key_place <= query_place + w0)
-                      & ((block_index - 1).view(-1, 1, 1) * w0 + key_place >= 0)]  # (N, w0, 2w0)
+                      & ((query_start - w0).view(-1, 1, 1) + key_place >= 0)]  # (Q, R, S_0)
         new_state = {
             "local_keys": ring_from_ordered(take_windows(key_stream, 2, block_start - w0, end - w0, w0), end),
             "local_values": ring_from_ordered(take_windows(value_stream, 2, block_start - w0, end - w0, w0), end),
@@ -159,7 +187,7 @@ class HierarchicalAttention(nn.Module):
             key_parts += level_keys
             value_parts += level_values
             mask_parts = [mask_parts[0].expand(batch, -1, -1, -1)] + [
-                m.unsqueeze(2).expand(-1, -1, w0, -1) for m in level_masks]  # (B, N, w0, S_l)
+                m.unsqueeze(2).expand(-1, -1, rows, -1) for m in level_masks]  # (B, Q, R, S_l)
             new_state.update(level_state)
         for level in range(1, len(self.windows) if not compacted else 1):
             below, level_width, span = self.windows[level - 1], self.windows[level], self.spans[level]
@@ -174,23 +202,23 @@ class HierarchicalAttention(nn.Module):
             value_items = torch.cat([state[f"memory_values_{level}"].view(stored_shape), new_values], dim=2)
             stream_start = first_new - level_width  # absolute index of key_items[:, :, 0]
 
-            visible = block_index * w0 // span  # (N,) level-l items complete when each block starts
+            visible = block_index * w0 // span  # (Q,) level-l items complete when each query's block starts
             # Window entries older than the stream's first item are masked for every block: leave
             # them out (at the start of a stream whole levels are empty). Exact: they weigh 0.
-            kept = min(level_width, (block_start + (num_blocks - 1) * w0) // span)  # may be 0: empty parts keep
+            kept = min(level_width, last_block * w0 // span)  # may be 0: empty parts keep
             # the age embeddings in the graph (zero gradients, as DDP expects of every parameter)
             places = torch.arange(level_width - kept, level_width, device=device)  # (kept,) window places
-            window = (visible - first_new - level_width).unsqueeze(1) + places  # (N, kept) item indices
-            window_shape = (batch, heads, num_blocks, kept, slots, width)
-            flat_shape = (batch, heads, num_blocks, kept * slots, width)
+            window = (visible - first_new - level_width).unsqueeze(1) + places  # (Q, kept) item indices
+            window_shape = (batch, heads, num_queries, kept, slots, width)
+            flat_shape = (batch, heads, num_queries, kept * slots, width)
             level_keys = key_items.index_select(2, (window + level_width).flatten()).view(window_shape)
             level_values = value_items.index_select(2, (window + level_width).flatten()).view(window_shape)
             age_keys = (self.age_keys[level - 1][:, level_width - kept:] * self.content_mask)
             age_values = self.age_values[level - 1][:, level_width - kept:]  # (H, kept, E)
             key_parts.append((level_keys + age_keys.unsqueeze(1).unsqueeze(3)).reshape(flat_shape))
             value_parts.append((level_values + age_values.unsqueeze(1).unsqueeze(3)).reshape(flat_shape))
-            exists = (visible.unsqueeze(1) - level_width + places) >= 0  # (N, kept)
-            mask_parts.append(each_slot(exists, slots, dim=1).unsqueeze(1).expand(-1, w0, -1))
+            exists = (visible.unsqueeze(1) - level_width + places) >= 0  # (Q, kept)
+            mask_parts.append(each_slot(exists, slots, dim=1).unsqueeze(1).expand(-1, rows, -1))
 
             state_shape = (batch, heads, level_width * slots, width)
             newest = end // span  # level-l items complete at each element's end (int or (B,))
@@ -207,23 +235,15 @@ class HierarchicalAttention(nn.Module):
                                                 for span in self.spans[1:]], dim=1)  # (B, L-1)
             new_state["skipped"] = state["skipped"]
 
-        rows = slice(0, w0)
-        if num_blocks == 1:  # a chunk inside one block: only its own rows and the keys they can see
-            rows = slice(offset, offset + length)
-            first_key = max(offset + 1, w0 - block_start)  # older keys are out of the window or before 0
-            key_parts[0] = key_parts[0][:, :, :, first_key:w0 + offset + length]
-            value_parts[0] = value_parts[0][:, :, :, first_key:w0 + offset + length]
-            mask_parts[0] = mask_parts[0][..., first_key:w0 + offset + length]
-            query_blocks = query_blocks[:, :, rows]
-        mask = torch.cat([m[..., rows, :] for m in mask_parts], dim=-1)  # ([B,] N, rows, S)
-        if mask.dim() == 3:  # one mask for every stream: (1, N, rows, S); 4-D keeps the fused CPU kernel
-            all_keys = torch.cat(key_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
-            all_values = torch.cat(value_parts, dim=3).flatten(0, 1)  # (B*H, N, S, E)
-            attended = attend(query_blocks, all_keys, all_values, mask.unsqueeze(0))  # (B*H, N, rows, E)
+        mask = torch.cat(mask_parts, dim=-1)  # ([B,] Q, R, S)
+        if mask.dim() == 3:  # one mask for every stream: (1, Q, R, S); 4-D keeps the fused CPU kernel
+            all_keys = torch.cat(key_parts, dim=3).flatten(0, 1)  # (B*H, Q, S, E)
+            all_values = torch.cat(value_parts, dim=3).flatten(0, 1)  # (B*H, Q, S, E)
+            attended = attend(query_blocks, all_keys, all_values, mask.unsqueeze(0))  # (B*H, Q, R, E)
         else:  # a mask per stream: blocks before heads, so that one mask serves every head
             attended = self._attend_per_stream(query_blocks, key_parts, value_parts, mask)
-        if num_blocks > 1:
-            attended = attended.reshape(batch, heads, num_blocks * w0, width)[:, :, offset:offset + length]
+        if num_queries > 1:
+            attended = attended.reshape(batch, heads, num_queries * rows, width)[:, :, row_offset:row_offset + length]
         attended = attended.reshape(batch, heads, length, width)
         output = self.output(attended.transpose(1, 2).reshape(batch, length, d_model))  # (B, C, D)
         return output, new_state
@@ -232,16 +252,16 @@ class HierarchicalAttention(nn.Module):
                            mask: torch.Tensor) -> torch.Tensor:
         """Attention with a mask that differs per stream (the write policies' compacted levels).
 
-        query_blocks (B*H, N, R, E); key/value parts (B, H, N, S_i, E); mask (B, N, R, S).
-        Laid out as (B*N, H, ., E), the mask (B*N, 1, R, S) broadcasts over heads: no copy
-        of it per head. Returns (B*H, N, R, E) like the shared-mask path.
+        query_blocks (B*H, Q, R, E); key/value parts (B, H, Q, S_i, E); mask (B, Q, R, S).
+        Laid out as (B*Q, H, ., E), the mask (B*Q, 1, R, S) broadcasts over heads: no copy
+        of it per head. Returns (B*H, Q, R, E) like the shared-mask path.
         """
         batch, blocks, rows, _ = mask.shape
         heads, width = self.num_heads, self.head_width
-        keys = torch.cat([part.transpose(1, 2) for part in key_parts], dim=3).flatten(0, 1)  # (B*N, H, S, E)
+        keys = torch.cat([part.transpose(1, 2) for part in key_parts], dim=3).flatten(0, 1)  # (B*Q, H, S, E)
         values = torch.cat([part.transpose(1, 2) for part in value_parts], dim=3).flatten(0, 1)
         queries = query_blocks.view(batch, heads, blocks, rows, width).transpose(1, 2).flatten(0, 1)
-        attended = attend(queries, keys, values, mask.flatten(0, 1).unsqueeze(1))  # (B*N, H, R, E)
+        attended = attend(queries, keys, values, mask.flatten(0, 1).unsqueeze(1))  # (B*Q, H, R, E)
         return attended.view(batch, blocks, heads, rows, width).transpose(1, 2).reshape(
             batch * heads, blocks, rows, width)
 

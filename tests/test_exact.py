@@ -102,3 +102,26 @@ def test_hierarchy_matches_a_naive_position_by_position_reference(windows, slots
         expected = naive_hierarchy(attention, x[0])
         actual = run_layer(attention, x)[0]
     assert (actual - expected).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("windows,slots,query_rows", [((4, 4), 2, 1), ((4, 4), 2, 2), ((6, 2, 2), 1, 3),
+                                                      ((6, 2, 2), 2, 2)])
+def test_smaller_query_blocks_match_the_naive_reference(windows, slots, query_rows):
+    """forward_chunk's query blocks of query_rows < w0 positions see the same keys as whole blocks."""
+    torch.manual_seed(6)
+    attention = hnae.HierarchicalAttention(16, 2, windows, summary_slots=slots).double().eval()
+    attention.query_rows = query_rows
+    steps = 2 * math.prod(windows) + 5
+    x = torch.randn(1, steps, 16, dtype=torch.float64)
+    with torch.no_grad():
+        expected = naive_hierarchy(attention, x[0])
+        actual = run_layer(attention, x)[0]
+    assert (actual - expected).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("query_rows", [3, 0, 8, 2.0])
+def test_query_rows_must_divide_the_first_window(query_rows):
+    attention = hnae.HierarchicalAttention(16, 2, (4, 4))
+    attention.query_rows = query_rows
+    with pytest.raises(ValueError, match="query_rows must be a positive divisor of the first window 4"):
+        run_layer(attention, torch.randn(1, 9, 16))
