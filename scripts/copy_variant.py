@@ -13,6 +13,10 @@ Environment switches (unset: the preset as it is):
                included) instead of the weighted values themselves
     POOL=compete  slots compete for items (slot attention): each item's weights are a softmax over
                the slots, then each slot's weights are renormalised over the items
+    POOL=linear  each slot is a learned linear mix of the block's values (place values included),
+               weights per head, slot and place, not an attention: a strided convolution over the
+               block, like the compressive transformer's convolutional compression; the mix starts
+               random (std LINEAR_STD / sqrt(n), default 1), so slots tell places apart from step 0
     PLACE=zero the block's place embedding (added to every layer's input at t mod w_0) fixed at
                zero: nothing tells a step where it sits in its level-0 block
     PLACE=shift in training, each sequence reads the place embedding at (t + r) mod w_0 with its
@@ -110,6 +114,23 @@ if os.environ.get("POOL") == "compete":
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-6)  # each slot: a mean of its share
         return torch.matmul(weights, values)
     pooling.attend = attend_competing
+
+if os.environ.get("POOL") == "linear":
+    original_linear_init = pooling.AttentionPool.__init__
+
+    def init_with_mix(self, d_model, num_heads, items_per_block, slots, *args, **kwargs):
+        original_linear_init(self, d_model, num_heads, items_per_block, slots, *args, **kwargs)
+        scale = float(os.environ.get("LINEAR_STD", "1")) / items_per_block ** 0.5
+        self.mix = nn.Parameter(torch.randn(num_heads, slots, items_per_block) * scale)  # (H, K, n)
+    pooling.AttentionPool.__init__ = init_with_mix
+
+    def pool_linearly(self, keys, values):
+        """values (B, H, M, n, E) -> summaries (B, M, K, D); keys unused."""
+        batch, heads, blocks, items, width = values.shape
+        values = values + place_table(self, "place_values").unsqueeze(1)  # (B, H, M, n, E)
+        pooled = torch.einsum("hkn,bhmne->bmkhe", self.mix, values)  # (B, M, K, H, E)
+        return self.norm(self.output(pooled.reshape(batch, blocks, self.slots, heads * width)))
+    pooling.AttentionPool.forward = pool_linearly
 
 if os.environ.get("POOL") == "dev":
     def attend_minus_mean(queries, keys, values, mask=None):

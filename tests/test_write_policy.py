@@ -35,25 +35,14 @@ def test_streaming_equals_parallel(config, plan):
     assert max_difference(whole, chunked) <= EXACT
     assert_states_equal(whole_state, chunked_state)
     assert whole_state.position.tolist() == [steps, steps]
-
-
-
-@pytest.mark.parametrize("config", ["novelty-2lvl", "learned-3lvl", "all"])
-def test_smaller_query_blocks_stream_exactly(config):
-    """Query blocks shorter than w0 (``query_rows``) in the parallel call: the same outputs and state."""
-    windows, num_layers = CONFIGS[config][:2]
-    steps = 3 * hnae.receptive_field(windows, num_layers)
-    x = inputs(2, steps)
-    model = config_model(config, x)
-    with torch.no_grad():
-        whole, whole_state = model(x)
+    if plan == "random":  # query blocks shorter than w0 (``query_rows``): the same parallel call
         for (block,) in model.layers:
-            block.attention.query_rows = 1 if windows[0] == 3 else 2
-        smaller, smaller_state = model(x)
-        chunked, chunked_state = run_in_chunks(model, x, chunk_plans(windows[0])["random"])
-    assert max_difference(whole, smaller) <= EXACT and max_difference(whole, chunked) <= EXACT
-    assert_states_equal(whole_state, smaller_state)
-    assert_states_equal(whole_state, chunked_state)
+            block.attention.query_rows = 1 if model.windows[0] % 2 else 2
+        with torch.no_grad():
+            smaller, smaller_state = model(x)
+        assert max_difference(whole, smaller) <= EXACT
+        assert_states_equal(whole_state, smaller_state)
+
 
 def _reference_decisions(policy, candidates, threshold, gate):
     """The documented rule, one candidate at a time: candidates (M, H, K, E) of one stream."""
