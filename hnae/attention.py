@@ -114,7 +114,7 @@ class HierarchicalAttention(nn.Module):
         heads, width, slots = self.num_heads, self.head_width, self.slots
         w0 = self.windows[0]
         offset = start % w0  # inputs of the current level-0 block already consumed
-        block_start = start - offset  # absolute position of the first query block
+        block_start = start - offset  # absolute position of the first level-0 block
         num_blocks = math.ceil((offset + length) / w0)
         tail = num_blocks * w0 - offset - length
         device = x.device
@@ -166,8 +166,8 @@ class HierarchicalAttention(nn.Module):
             query_blocks = torch.cat([queries.new_zeros(batch, heads, row_offset, width), queries,
                                       queries.new_zeros(batch, heads, num_queries * rows - row_offset - length,
                                                         width)], dim=2).view(batch, heads, num_queries, rows, width)
-        query_blocks = query_blocks.flatten(0, 1)  # (B*H, Q, R, E)
-        rows = query_blocks.shape[2]
+        query_blocks = query_blocks.flatten(0, 1)  # (B*H, Q, R', E)
+        block_rows = query_blocks.shape[2]  # R' = R, or C for a chunk inside one query block
         # Local mask: query i of block q sees key j (position q_start - w0 + j) iff i < j <= i + w0, and j >= 0.
         mask_parts = [(key_place > query_place) & (key_place <= query_place + w0)
                       & ((query_start - w0).view(-1, 1, 1) + key_place >= 0)]  # (Q, R, S_0)
@@ -187,7 +187,7 @@ class HierarchicalAttention(nn.Module):
             key_parts += level_keys
             value_parts += level_values
             mask_parts = [mask_parts[0].expand(batch, -1, -1, -1)] + [
-                m.unsqueeze(2).expand(-1, -1, rows, -1) for m in level_masks]  # (B, Q, R, S_l)
+                m.unsqueeze(2).expand(-1, -1, block_rows, -1) for m in level_masks]  # (B, Q, R', S_l)
             new_state.update(level_state)
         for level in range(1, len(self.windows) if not compacted else 1):
             below, level_width, span = self.windows[level - 1], self.windows[level], self.spans[level]
@@ -218,7 +218,7 @@ class HierarchicalAttention(nn.Module):
             key_parts.append((level_keys + age_keys.unsqueeze(1).unsqueeze(3)).reshape(flat_shape))
             value_parts.append((level_values + age_values.unsqueeze(1).unsqueeze(3)).reshape(flat_shape))
             exists = (visible.unsqueeze(1) - level_width + places) >= 0  # (Q, kept)
-            mask_parts.append(each_slot(exists, slots, dim=1).unsqueeze(1).expand(-1, rows, -1))
+            mask_parts.append(each_slot(exists, slots, dim=1).unsqueeze(1).expand(-1, block_rows, -1))
 
             state_shape = (batch, heads, level_width * slots, width)
             newest = end // span  # level-l items complete at each element's end (int or (B,))

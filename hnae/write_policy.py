@@ -17,11 +17,18 @@ Policies (one per summary level; level 0, the local window, keeps every input):
   the similarity of the smallest change that matters. Two identical vectors
   (zeros included) have similarity 1; a zero vector and any other have 0. The
   first item of a level is always written.
-- ``"learned"``: a linear gate scores the candidate; it is written when the
-  gate ``g = sigmoid(score)`` is at least 1/2, and its values are stored scaled
-  by ``g``, so the task loss trains the gate through how much attention uses
-  the item. ``HNAE.write_penalty()`` adds the cost of writing more than
-  ``budget`` (the fraction of candidates written, straight-through).
+- ``"learned"``: a gate scores the candidate, ``score = a . x + b + c * (1 - s)``
+  with ``x`` the candidate, ``s`` its cosine similarity to the last item the
+  level wrote (``1 - s`` is 1 for the first item) and ``a``, ``b``, ``c`` learned
+  (``c``, the ``novelty_weights`` entry, starts at 4: what repeats the last
+  written item scores lower, so an application that pays for writing learns
+  to skip repeats first). The candidate is written when the gate
+  ``g = sigmoid(score)`` is at least 1/2, and its values are stored scaled by
+  ``g``, so the task loss trains the gate through how much attention uses the
+  item. ``HNAE.write_penalty()`` adds the cost of writing more than ``budget``
+  (the fraction of candidates written, straight-through). A gate of content
+  alone cannot tell a scene's first frame from its repeats, and on a long
+  redundant stream it closed for everything (``hnae bench memory``).
 
 The similarity and the gate read the candidate's values (all heads and slots),
 which is what the memory stores, so streaming holds the last written item at
@@ -39,6 +46,7 @@ from torch import nn
 POLICIES = ("all", "novelty", "learned")
 DEFAULT_THRESHOLD = 0.95
 DEFAULT_BUDGET = 0.2
+NOVELTY_WEIGHT = 4.0  # the learned gate's starting weight on 1 - (similarity to the last written item)
 
 
 def _per_level(name: str, value, levels: int) -> tuple:
@@ -117,7 +125,9 @@ class WritePolicy(nn.Module):
             for level, policy in enumerate(self.policies) if policy == "learned"})
         for gate in self.gates.values():
             nn.init.normal_(gate.weight, std=0.02)
-            nn.init.constant_(gate.bias, 2.0)  # start by writing everything (g = 0.88)
+            nn.init.constant_(gate.bias, 2.0)  # start by writing everything (g >= 0.88)
+        self.novelty_weights = nn.ParameterDict({  # c of each learned level's gate
+            level: nn.Parameter(torch.tensor(NOVELTY_WEIGHT, device=device, dtype=dtype)) for level in self.gates})
         # level -> (sum of straight-through write flags, candidates) over the current forward
         self.written_record: dict[int, tuple[torch.Tensor, int]] = {}
 
@@ -133,10 +143,20 @@ class WritePolicy(nn.Module):
             return valid, values
         batch, heads, count, slots, width = values.shape
         flat = values.permute(0, 2, 1, 3, 4).reshape(batch, count, heads * slots * width)  # (B, M, F)
+        last = last.reshape(batch, -1)  # (B, F)
         if policy == "novelty":
-            return self._novelty(flat, valid, last.reshape(batch, -1), has_last, self.thresholds[level - 1]), values
-        gate = torch.sigmoid(self.gates[str(level)](flat).squeeze(-1))  # (B, M)
-        write = valid & (gate >= 0.5)
+            threshold = self.thresholds[level - 1]
+            write, _ = self._in_order(flat, valid, last, has_last, lambda index, similarity, first: (
+                first | (similarity < threshold), None))
+            return write, values
+        content = self.gates[str(level)](flat).squeeze(-1)  # (B, M): a . x + b
+        weight = self.novelty_weights[str(level)]
+
+        def rule(index, similarity, first):  # the gate of candidate ``index``: written if g >= 1/2, stored times g
+            gate = torch.sigmoid(content[:, index] + weight * (1.0 - similarity))
+            return gate >= 0.5, gate
+        write, novelty = self._in_order(flat, valid, last, has_last, rule)
+        gate = torch.sigmoid(content + weight * novelty)  # (B, M), differentiable in a, b and c
         if self.training and bool(valid.any()):
             straight = write.to(gate.dtype) + gate - gate.detach()  # value: written or not; gradient: the gate's
             total, seen = self.written_record.get(level, (0.0, 0))
@@ -144,21 +164,29 @@ class WritePolicy(nn.Module):
         return write, values * gate.view(batch, 1, count, 1, 1)
 
     @staticmethod
-    def _novelty(flat: torch.Tensor, valid: torch.Tensor, last: torch.Tensor, has_last: torch.Tensor,
-                 threshold: float) -> torch.Tensor:
-        """Sequential over the M candidates (each compares with the last one written)."""
-        writes = []
+    def _in_order(flat: torch.Tensor, valid: torch.Tensor, last: torch.Tensor, has_last: torch.Tensor, rule):
+        """Decisions over the M candidates flat (B, M, F) in time order, each against the last one written.
+
+        ``rule(index, similarity, first)`` -> (novel (B,) bool, scale (B,) or None): candidate
+        ``index``, with its cosine similarity to the last written item (0 where none is: ``first``),
+        is written where valid and novel, and becomes the last one, times ``scale`` (as stored).
+        Returns write (B, M) and 1 - similarity (B, M), without gradients.
+        """
+        writes, novelty = [], []
         with torch.no_grad():
             for index in range(flat.shape[1]):
                 item = flat[:, index]  # (B, F)
-                novel = ~has_last | (cosine_similarity(item, last) < threshold)
+                similarity = torch.where(has_last, cosine_similarity(item, last), 0.0)  # (B,)
+                novel, scale = rule(index, similarity, ~has_last)
                 write = valid[:, index] & novel  # (B,)
-                last = torch.where(write.unsqueeze(1), item, last)
+                stored = item if scale is None else item * scale.unsqueeze(1)
+                last = torch.where(write.unsqueeze(1), stored, last)
                 has_last = has_last | write
                 writes.append(write)
+                novelty.append(1.0 - similarity)
         if not writes:
-            return valid
-        return torch.stack(writes, dim=1)  # (B, M)
+            return valid, flat.new_zeros(valid.shape)
+        return torch.stack(writes, dim=1), torch.stack(novelty, dim=1)  # (B, M) each
 
     def forget(self) -> None:
         """Start a new forward: drop the write records of the previous one."""

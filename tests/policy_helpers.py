@@ -110,24 +110,70 @@ def record_candidates(model, x):
     return output, state, result
 
 
-def calibrate_gates(model, x):
-    """Set each learned gate's bias so that its scores split the valid candidates of x in half.
+def reference_decisions(policy, candidates, threshold=None, gate=None, weight=None, with_margin=False):
+    """The documented rule, one candidate at a time: candidates (M, H, K, E) of one stream.
 
-    Layer by layer, level by level (a gate changes what the levels and layers above see). The bias
-    is minus the midpoint of the two middle scores: no gate lies within rounding of 1/2.
+    Returns the write decisions and the scale each item is stored with (1, or the learned gate g);
+    ``with_margin``: also the smallest |score| of a learned gate (how far from a tie).
+    """
+    writes, scales, last, margin = [], [], None, float("inf")
+    for item in candidates:
+        flat = item.reshape(-1)
+        if last is None:
+            similarity = None
+        elif torch.equal(flat, last):
+            similarity = 1.0
+        else:
+            norms = flat.norm() * last.norm()
+            similarity = 0.0 if norms == 0 else float(flat @ last / norms)
+        if policy == "novelty":
+            write, scale = similarity is None or similarity < threshold, 1.0
+        else:
+            with torch.no_grad():
+                score = gate(flat) + weight * (1.0 - (similarity or 0.0))
+            scale, margin = float(torch.sigmoid(score)), min(margin, abs(float(score)))
+            write = scale >= 0.5
+        if write:
+            last = flat * scale
+        writes.append(write)
+        scales.append(scale)
+    return (writes, scales, margin) if with_margin else (writes, scales)
+
+
+def calibrate_gates(model, x):
+    """Set each learned gate's bias so that it writes about half of the valid candidates of x.
+
+    Layer by layer, level by level (a gate changes what the levels and layers above see). The
+    decisions depend on the bias through the similarity to the last written item, so the bias is
+    found by bisection on the rule itself (``reference_decisions``).
     """
     for layer, (block,) in enumerate(model.layers):
-        for level, policy in enumerate(model.write_policy, start=1):
-            if policy != "learned":
+        policy = block.attention.policy
+        for level, level_policy in enumerate(model.write_policy, start=1):
+            if level_policy != "learned":
                 continue
-            gate = block.attention.policy.gates[str(level)]
+            gate, weight = policy.gates[str(level)], policy.novelty_weights[str(level)]
             record, = [r for r in record_candidates(model, x)[2][layer] if r["level"] == level]
-            flat = record["values"].permute(0, 2, 1, 3, 4).flatten(2)[record["valid"]]  # (n, H*K*E)
-            scores = (flat @ gate.weight[0]).sort().values
-            assert len(scores) >= 2, (layer, level)
-            middle = len(scores) // 2
-            with torch.no_grad():
-                gate.bias.fill_(-0.5 * float(scores[middle - 1] + scores[middle]))
+            streams = [record["values"][row].movedim(1, 0)[record["valid"][row]] for row in range(x.shape[0])]
+            assert sum(len(stream) for stream in streams) >= 2, (layer, level)
+            total = sum(len(stream) for stream in streams)
+
+            def outcome(bias):  # (written, smallest |score|) over the streams at this bias
+                with torch.no_grad():
+                    gate.bias.fill_(bias)
+                runs = [reference_decisions("learned", s, gate=gate, weight=weight, with_margin=True)
+                        for s in streams]
+                return sum(sum(run[0]) for run in runs), min(run[2] for run in runs)
+            low, high = -50.0, 50.0
+            for _ in range(50):  # the bias where half are written: a decision flips there
+                middle = 0.5 * (low + high)
+                low, high = (low, middle) if outcome(middle)[0] > total / 2 else (middle, high)
+            # step away from the flip, to a bias where no score is within 1e-4 of a tie
+            for offset in (0.013 * k * sign for k in range(1, 60) for sign in (1, -1)):
+                written, margin = outcome(low + offset)
+                if 0 < written < total and margin > 1e-4:
+                    break
+            assert 0 < written < total and margin > 1e-4, (layer, level, written, margin)
     return model
 
 

@@ -18,7 +18,8 @@ from hnae.write_policy import WritePolicy
 
 from policy_helpers import (FEATURES, HIDDEN, EXACT, policy_model, inputs, run_in_chunks,
                             max_difference, assert_states_equal, chunk_plans, CONFIGS,
-                            record_candidates, calibrate_gates, config_model, assert_policies_bite)
+                            record_candidates, calibrate_gates, config_model, assert_policies_bite,
+                            reference_decisions)
 
 # ----------------------------------------------------------- 1. exactness
 @pytest.mark.parametrize("plan", ["1", "3", "w0-1", "w0", "w0+1", "random"])
@@ -42,29 +43,6 @@ def test_streaming_equals_parallel(config, plan):
             smaller, smaller_state = model(x)
         assert max_difference(whole, smaller) <= EXACT
         assert_states_equal(whole_state, smaller_state)
-
-
-def _reference_decisions(policy, candidates, threshold, gate):
-    """The documented rule, one candidate at a time: candidates (M, H, K, E) of one stream."""
-    writes, last = [], None
-    for item in candidates:
-        flat = item.reshape(-1)
-        if policy == "novelty":
-            if last is None:
-                write = True
-            elif torch.equal(flat, last):
-                write = False
-            else:
-                norms = flat.norm() * last.norm()
-                similarity = 0.0 if norms == 0 else float(flat @ last / norms)
-                write = similarity < threshold
-        else:
-            with torch.no_grad():
-                write = float(torch.sigmoid(gate(flat))) >= 0.5
-        if write:
-            last = flat
-        writes.append(write)
-    return writes
 
 
 @pytest.mark.parametrize("policy,threshold", [
@@ -94,20 +72,19 @@ def test_parallel_decisions_follow_the_rule_and_windows_hold_written_items(polic
         level, values = entry["level"], entry["values"]  # values (B, H, M, K, E)
         level_policy = model.write_policy[level - 1]
         gate = attention.policy.gates[str(level)] if level_policy == "learned" else None
+        weight = attention.policy.novelty_weights[str(level)] if level_policy == "learned" else None
         decisions = []
         for row in range(x.shape[0]):
             valid = entry["valid"][row]
             candidates = values[row].movedim(1, 0)[valid]  # (M', H, K, E), in time order
-            expected = _reference_decisions(level_policy, candidates, model.threshold[level - 1], gate)
+            expected, scales = reference_decisions(level_policy, candidates, model.threshold[level - 1], gate, weight)
             assert entry["write"][row][valid].tolist() == expected, (level, row)
             assert not entry["write"][row][~valid].any()
             assert int(state.layers[0]["written"][row, level - 1]) == sum(expected)
             assert int(state.layers[0]["skipped"][row, level - 1]) == len(expected) - sum(expected)
             decisions += expected
-            written = candidates[torch.tensor(expected, dtype=torch.bool)]
-            if gate is not None:
-                with torch.no_grad():
-                    written = written * torch.sigmoid(gate(written.flatten(1))).view(-1, 1, 1, 1)
+            chosen = torch.tensor(expected, dtype=torch.bool)
+            written = candidates[chosen] * torch.tensor(scales, dtype=candidates.dtype)[chosen].view(-1, 1, 1, 1)
             width = model.windows[level]
             newest = written[-width:]  # (n, H, K, E), oldest first
             stored = state.layers[0][f"memory_values_{level}"][row]  # (H, w*K, E)

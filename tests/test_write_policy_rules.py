@@ -174,11 +174,11 @@ def test_gradient_reaches_the_learned_gates(windows, num_layers, slots):
     penalty = model.write_penalty()
     assert penalty.item() > 0  # calibrated: about half written, above the budget of 0.3
     (output.sum() + penalty).backward()
-    gates = [(index, level, gate) for index, (block,) in enumerate(model.layers)
-             for level, gate in block.attention.policy.gates.items()]
+    gates = [(index, level, gate, block.attention.policy.novelty_weights[level])
+             for index, (block,) in enumerate(model.layers) for level, gate in block.attention.policy.gates.items()]
     assert len(gates) == num_layers * (len(windows) - 1)
-    for index, level, gate in gates:
-        for parameter in (gate.weight, gate.bias):
+    for index, level, gate, novelty_weight in gates:
+        for parameter in (gate.weight, gate.bias, novelty_weight):
             assert parameter.grad is not None, (index, level)
             assert torch.isfinite(parameter.grad).all(), (index, level)
             assert parameter.grad.abs().sum() > 0, (index, level)
