@@ -5,6 +5,7 @@
 Environment switches (unset: the preset as it is):
     FIRST   level-0 window (the preset's 128)     WIN   window of the levels above (8)
     SLOTS   summary slots (8)                   WIDTH  body width (default: the one nearest 40k parameters)
+    DEPTH   hnae layers (2)
     HEADS   attention heads (default: the most that leave heads >= 16 wide; 2 at width 40)
     PLACE_RANK  the small preset's place_rank (8): an int, or "full" for full place tables
     AGE=zero   summary age embeddings (keys and values) fixed at zero: summaries are told apart
@@ -47,7 +48,7 @@ from hnae.places import place_table
 from hnae_bench import models, train, train_cli
 
 for switch, table in (("FIRST", models.HNAE_FIRST_WINDOW), ("WIN", models.HNAE_WINDOWS),
-                      ("SLOTS", models.HNAE_SLOTS)):
+                      ("SLOTS", models.HNAE_SLOTS), ("DEPTH", models.HNAE_DEPTH)):
     if switch in os.environ:
         table["small"] = int(os.environ[switch])
 
