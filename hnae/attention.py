@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import attend
-from .memory_levels import policy_levels
+from .banded import band_pays, banded_attention
+from .memory_levels import gathered_levels, policy_levels
 from .pooling import AttentionPool
 from .rotary import PeriodicRotary
 from .reach import level_spans
@@ -64,6 +65,9 @@ class HierarchicalAttention(nn.Module):
         self.windows, self.slots = tuple(windows), summary_slots
         self.spans = level_spans(self.windows)
         self.query_rows = self.windows[0]  # positions per query block in forward_chunk (divides w0)
+        # under a write policy: score whole compacted streams (True), copy each block's windows
+        # (False), or whichever moves less (None; see hnae.banded)
+        self.banded: bool | None = None
         self.query_key_value = nn.Linear(d_model, 3 * d_model, bias=bias, **factory)
         self.output = nn.Linear(d_model, d_model, bias=bias, **factory)
         # Rotary phase on the first dims of each head (local keys only); summary keys are
@@ -180,15 +184,19 @@ class HierarchicalAttention(nn.Module):
         item_keys = key_stream[:, :, w0:w0 + offset + length].unsqueeze(3)  # (B, H, n, 1, E)
         item_values = value_stream[:, :, w0:w0 + offset + length].unsqueeze(3)
         compacted = self.policy.active or self.trace is not None
+        banded = None
         if compacted:  # data-dependent schedules (or a trace): compacted streams per element
-            level_keys, level_values, level_masks, level_state = policy_levels(
-                self, item_keys.squeeze(3), item_values.squeeze(3), state, block_start, block_index, end,
-                self.trace)
-            key_parts += level_keys
-            value_parts += level_values
-            mask_parts = [mask_parts[0].expand(batch, -1, -1, -1)] + [
-                m.unsqueeze(2).expand(-1, -1, block_rows, -1) for m in level_masks]  # (B, Q, R', S_l)
+            streams, level_state = policy_levels(self, item_keys.squeeze(3), item_values.squeeze(3), state,
+                                                 block_start, block_index, end, self.trace)
             new_state.update(level_state)
+            if self.banded if self.banded is not None else band_pays(block_rows, streams, self.windows, width):
+                banded = streams  # scored against whole streams below, no window copies
+            else:
+                level_keys, level_values, level_masks = gathered_levels(self, streams)
+                key_parts += level_keys
+                value_parts += level_values
+                mask_parts = [mask_parts[0].expand(batch, -1, -1, -1)] + [
+                    m.unsqueeze(2).expand(-1, -1, block_rows, -1) for m in level_masks]  # (B, Q, R', S_l)
         for level in range(1, len(self.windows) if not compacted else 1):
             below, level_width, span = self.windows[level - 1], self.windows[level], self.spans[level]
             complete = item_keys.shape[2] // below
@@ -236,7 +244,11 @@ class HierarchicalAttention(nn.Module):
             new_state["skipped"] = state["skipped"]
 
         mask = torch.cat(mask_parts, dim=-1)  # ([B,] Q, R, S)
-        if mask.dim() == 3:  # one mask for every stream: (1, Q, R, S); 4-D keeps the fused CPU kernel
+        if banded is not None:
+            attended = banded_attention(self, query_blocks.view(batch, heads, *query_blocks.shape[1:]),
+                                        torch.cat(key_parts, dim=3), torch.cat(value_parts, dim=3),
+                                        mask if mask.dim() == 4 else mask.unsqueeze(0), banded).flatten(0, 1)
+        elif mask.dim() == 3:  # one mask for every stream: (1, Q, R, S); 4-D keeps the fused CPU kernel
             all_keys = torch.cat(key_parts, dim=3).flatten(0, 1)  # (B*H, Q, S, E)
             all_values = torch.cat(value_parts, dim=3).flatten(0, 1)  # (B*H, Q, S, E)
             attended = attend(query_blocks, all_keys, all_values, mask.unsqueeze(0))  # (B*H, Q, R, E)

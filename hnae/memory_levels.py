@@ -20,9 +20,26 @@ blocks, K slots, E head width.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 FAR = torch.iinfo(torch.int64).max // 4  # "never ready": padding entries of a stream
+
+
+class LevelStream(NamedTuple):
+    """A level's compacted stream in one chunk, and where each query block's window starts.
+
+    keys, values (B, H, S, K, E): the memory window (w_l items, oldest first) then the items
+    written in this chunk; seen (B, N): query block q sees keys[:, :, seen : seen + w_l];
+    had (B,): items the level had written before the chunk (stream item i is written
+    item had - w_l + i, which exists if >= 0).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    seen: torch.Tensor
+    had: torch.Tensor
 
 
 def _take(stream: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -45,8 +62,8 @@ def policy_levels(attn, item_keys: torch.Tensor, item_values: torch.Tensor, stat
 
     item_keys, item_values: (B, H, n, E) level-0 inputs from ``block_start`` on.
     block_index: (N,) absolute level-0 block of each query block. end: int or (B,).
-    Returns (key_parts, value_parts, mask_parts, new_state): parts (B, H, N, w_l*K, E),
-    masks (B, N, w_l*K) per level. ``trace``, if a list, gets one dict per level.
+    Returns (streams, new_state): per level a ``LevelStream``, whose windows ``gathered_levels``
+    or ``hnae.banded`` read. ``trace``, if a list, gets one dict per level.
     """
     batch, heads, inputs, width = item_keys.shape
     windows, slots, device = attn.windows, attn.slots, item_keys.device
@@ -59,7 +76,7 @@ def policy_levels(attn, item_keys: torch.Tensor, item_values: torch.Tensor, stat
     candidate_block = block_start // w0 + torch.arange(complete, device=device)  # (M,) absolute
     ready = (candidate_block + 1).expand(batch, complete)  # (B, M): the first block that sees it
     valid = ready * w0 <= end.unsqueeze(1)  # complete before the stream ends
-    key_parts, value_parts, mask_parts, new_state = [], [], [], {}
+    streams, new_state = [], {}
     written_before, skipped_before = state["written"], state["skipped"]  # (B, L-1) each
     written_now, skipped_now = [], []
     for level in range(1, len(windows)):
@@ -80,14 +97,7 @@ def policy_levels(attn, item_keys: torch.Tensor, item_values: torch.Tensor, stat
         # Query block q sees stream[s : s + w], s = written items ready by q.
         seen = torch.searchsorted(new_ready.contiguous(), block_index.expand(batch, -1).contiguous(),
                                   right=True)  # (B, N)
-        window = seen.unsqueeze(2) + torch.arange(level_width, device=device)  # (B, N, w)
-        age_keys = (attn.age_keys[level - 1] * attn.content_mask).unsqueeze(1).unsqueeze(3)  # (H, 1, w, 1, E)
-        age_values = attn.age_values[level - 1].unsqueeze(1).unsqueeze(3)
-        flat_shape = (batch, heads, block_index.shape[0], level_width * slots, width)
-        key_parts.append((_take(stream_keys, window) + age_keys).reshape(flat_shape))
-        value_parts.append((_take(stream_values, window) + age_values).reshape(flat_shape))
-        absolute = had.view(batch, 1, 1) - level_width + window  # (B, N, w) written index of each entry
-        mask_parts.append((absolute >= 0).repeat_interleave(slots, dim=2))  # (B, N, w*K)
+        streams.append(LevelStream(stream_keys, stream_values, seen, had))
 
         last = count.unsqueeze(1) + torch.arange(level_width, device=device)  # (B, w): the newest w
         state_shape = (batch, heads, level_width * slots, width)
@@ -112,4 +122,24 @@ def policy_levels(attn, item_keys: torch.Tensor, item_values: torch.Tensor, stat
             ready = new_ready.gather(1, newest - level_width) if made else newest
     new_state["written"] = torch.stack(written_now, dim=1)
     new_state["skipped"] = torch.stack(skipped_now, dim=1)
-    return key_parts, value_parts, mask_parts, new_state
+    return streams, new_state
+
+
+def gathered_levels(attn, streams: list) -> tuple[list, list, list]:
+    """Each query block's window of every level's stream, with the age embeddings added.
+
+    Returns key and value parts (B, H, N, w_l*K, E) and masks (B, N, w_l*K), one per level.
+    """
+    key_parts, value_parts, mask_parts = [], [], []
+    for level, (stream_keys, stream_values, seen, had) in enumerate(streams, start=1):
+        batch, heads, _, slots, width = stream_keys.shape
+        level_width = attn.windows[level]
+        window = seen.unsqueeze(2) + torch.arange(level_width, device=seen.device)  # (B, N, w)
+        age_keys = (attn.age_keys[level - 1] * attn.content_mask).unsqueeze(1).unsqueeze(3)  # (H, 1, w, 1, E)
+        age_values = attn.age_values[level - 1].unsqueeze(1).unsqueeze(3)
+        flat_shape = (batch, heads, seen.shape[1], level_width * slots, width)
+        key_parts.append((_take(stream_keys, window) + age_keys).reshape(flat_shape))
+        value_parts.append((_take(stream_values, window) + age_values).reshape(flat_shape))
+        absolute = had.view(batch, 1, 1) - level_width + window  # (B, N, w) written index of each entry
+        mask_parts.append((absolute >= 0).repeat_interleave(slots, dim=2))  # (B, N, w*K)
+    return key_parts, value_parts, mask_parts

@@ -36,13 +36,21 @@ def test_streaming_equals_parallel(config, plan):
     assert max_difference(whole, chunked) <= EXACT
     assert_states_equal(whole_state, chunked_state)
     assert whole_state.position.tolist() == [steps, steps]
-    if plan == "random":  # query blocks shorter than w0 (``query_rows``): the same parallel call
-        for (block,) in model.layers:
-            block.attention.query_rows = 1 if model.windows[0] % 2 else 2
-        with torch.no_grad():
-            smaller, smaller_state = model(x)
-        assert max_difference(whole, smaller) <= EXACT
-        assert_states_equal(whole_state, smaller_state)
+    if plan == "random":  # other layouts of the same parallel call: the same outputs and state
+        layouts = [{"query_rows": 1 if model.windows[0] % 2 else 2},  # query blocks shorter than w0
+                   {"banded": True},  # policy levels scored against whole streams (``hnae.banded``)
+                   {"banded": True, "query_rows": 1}]
+        for layout in layouts:
+            for (block,) in model.layers:
+                block.attention.query_rows, block.attention.banded = model.windows[0], False
+                for name, value in layout.items():
+                    setattr(block.attention, name, value)
+            with torch.no_grad():
+                other, other_state = model(x)
+                chunked, chunked_state = run_in_chunks(model, x, chunk_plans(model.windows[0])[plan])
+            assert max_difference(whole, other) <= EXACT, layout
+            assert_states_equal(whole_state, other_state)
+            assert max_difference(whole, chunked) <= EXACT, layout
 
 
 @pytest.mark.parametrize("policy,threshold", [
@@ -283,3 +291,23 @@ def test_state_is_bounded_and_the_same_size_under_every_policy():
         assert state.position.tolist() == [4 * reach] * 2
         sizes.add(state.nbytes)
     assert len(sizes) == 1
+
+
+@pytest.mark.parametrize("config", ["novelty-3lvl", "learned-2lvl", "learned,novelty"])
+def test_banded_levels_give_the_gathered_gradients(config):
+    """Training through ``hnae.banded``: the same loss and parameter gradients as the window copies."""
+    windows, num_layers = CONFIGS[config][:2]
+    x = inputs(2, 2 * hnae.receptive_field(windows, num_layers), seed=4)
+    model = config_model(config, x).train()
+    gradients = []
+    for banded in (False, True):
+        for (block,) in model.layers:
+            block.attention.banded = banded
+        model.zero_grad()
+        output, _ = model(x)
+        penalty = model.write_penalty()
+        (output.square().mean() + (penalty if penalty is not None else 0.0)).backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() and gradients[0]
+    for name in gradients[0]:
+        assert max_difference(gradients[0][name], gradients[1][name]) <= EXACT, name
