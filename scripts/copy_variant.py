@@ -18,6 +18,9 @@ Environment switches (unset: the preset as it is):
                weights per head, slot and place, not an attention: a strided convolution over the
                block, like the compressive transformer's convolutional compression; the mix starts
                random (std LINEAR_STD / sqrt(n), default 1), so slots tell places apart from step 0
+    LOCAL_DROP=p  in training, each query row (of every stream and head alike) loses its local window
+               with probability p, keeping only its own position: it must read the summaries, so
+               the gradient of reading them never vanishes where the local window wins the softmax
     PLACE=zero the block's place embedding (added to every layer's input at t mod w_0) fixed at
                zero: nothing tells a step where it sits in its level-0 block
     PLACE=shift in training, each sequence reads the place embedding at (t + r) mod w_0 with its
@@ -132,6 +135,21 @@ if os.environ.get("POOL") == "linear":
         pooled = torch.einsum("hkn,bhmne->bmkhe", self.mix, values)  # (B, M, K, H, E)
         return self.norm(self.output(pooled.reshape(batch, blocks, self.slots, heads * width)))
     pooling.AttentionPool.forward = pool_linearly
+
+if "LOCAL_DROP" in os.environ:
+    original_attend = attention.attend
+
+    def attend_with_local_drop(queries, keys, values, mask=None):
+        """The layer's attention; in training, rows of the shared mask (1, Q, R, S) lose their local keys."""
+        rows = queries.shape[-2]  # R = w_0 (the default query_rows); with 2+ query blocks the local keys are the first 2 R
+        if torch.is_grad_enabled() and mask is not None and mask.dim() == 4 and mask.shape[0] == 1 and mask.shape[1] > 1:
+            drop = torch.rand(mask.shape[1], rows, 1, device=mask.device) < float(os.environ["LOCAL_DROP"])
+            own = torch.zeros(rows, 2 * rows, dtype=torch.bool, device=mask.device)
+            own[torch.arange(rows), torch.arange(rows) + rows] = True  # key j = i + w_0: the query itself
+            local = mask[0, :, :, :2 * rows]  # (Q, R, 2R)
+            mask = torch.cat([torch.where(drop, own & local, local), mask[0, :, :, 2 * rows:]], dim=-1).unsqueeze(0)
+        return original_attend(queries, keys, values, mask)
+    attention.attend = attend_with_local_drop
 
 if os.environ.get("POOL") == "dev":
     def attend_minus_mean(queries, keys, values, mask=None):
