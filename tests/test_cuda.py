@@ -82,17 +82,21 @@ def test_cuda_perf_measures_memory_and_flops():
     assert any("attention" in op or "bmm" in op for op in counted["by_op"])   # attention is counted, fused or not
 
 
+@pytest.mark.parametrize("banded", [False, True])  # the policy levels' window copies, or hnae.banded
 @pytest.mark.parametrize("policy", ["novelty", "learned"])
-def test_cuda_write_policy_matches_cpu_and_streams_exactly(policy):
+def test_cuda_write_policy_matches_cpu_and_streams_exactly(policy, banded):
     """Skipping summaries on the GPU: the same decisions and outputs as on the CPU, chunked = whole."""
     torch.manual_seed(0)
     options = {"threshold": 0.6} if policy == "novelty" else {}
     cpu_model = tiny_model(windows=(2, 3, 2), num_layers=2, write_policy=policy, **options).double()
-    with torch.no_grad():  # learned gates around 1/2, so some items are skipped
+    with torch.no_grad():  # learned gates around 1/2 (no novelty term), so some items are skipped
         for (block,) in cpu_model.layers:
+            block.attention.banded = banded
             for gate in block.attention.policy.gates.values():
                 gate.weight.normal_(0.0, 0.5)
                 gate.bias.zero_()
+            for weight in block.attention.policy.novelty_weights.values():
+                weight.zero_()
     cuda_model = copy.deepcopy(cpu_model).cuda()
     x = random_input(2, 60, 5).double()
     with torch.no_grad():
