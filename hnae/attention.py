@@ -243,17 +243,17 @@ class HierarchicalAttention(nn.Module):
                                                 for span in self.spans[1:]], dim=1)  # (B, L-1)
             new_state["skipped"] = state["skipped"]
 
-        mask = torch.cat(mask_parts, dim=-1)  # ([B,] Q, R, S)
-        if banded is not None:
+        if banded is not None:  # key_parts and mask_parts hold the local window only
             attended = banded_attention(self, query_blocks.view(batch, heads, *query_blocks.shape[1:]),
                                         torch.cat(key_parts, dim=3), torch.cat(value_parts, dim=3),
-                                        mask if mask.dim() == 4 else mask.unsqueeze(0), banded).flatten(0, 1)
-        elif mask.dim() == 3:  # one mask for every stream: (1, Q, R, S); 4-D keeps the fused CPU kernel
+                                        mask_parts[0], banded).flatten(0, 1)
+        elif mask_parts[-1].dim() == 3:  # one mask for every stream: (1, Q, R, S); 4-D keeps the fused CPU kernel
+            mask = torch.cat(mask_parts, dim=-1)  # (Q, R, S)
             all_keys = torch.cat(key_parts, dim=3).flatten(0, 1)  # (B*H, Q, S, E)
             all_values = torch.cat(value_parts, dim=3).flatten(0, 1)  # (B*H, Q, S, E)
             attended = attend(query_blocks, all_keys, all_values, mask.unsqueeze(0))  # (B*H, Q, R, E)
         else:  # a mask per stream: blocks before heads, so that one mask serves every head
-            attended = self._attend_per_stream(query_blocks, key_parts, value_parts, mask)
+            attended = self._attend_per_stream(query_blocks, key_parts, value_parts, torch.cat(mask_parts, dim=-1))
         if num_queries > 1:
             attended = attended.reshape(batch, heads, num_queries * rows, width)[:, :, row_offset:row_offset + length]
         attended = attended.reshape(batch, heads, length, width)

@@ -35,11 +35,11 @@ def band_pays(rows: int, streams: list, windows: tuple, head_width: int) -> bool
 
 def banded_attention(attn, queries: torch.Tensor, local_keys: torch.Tensor, local_values: torch.Tensor,
                      local_mask: torch.Tensor, streams: list) -> torch.Tensor:
-    """queries (B, H, N, R, E), local keys and values (B, H, N, S_0, E), local mask (B or 1, N, R, S_0),
+    """queries (B, H, N, R, E), local keys and values (B, H, N, S_0, E), local mask (N, R, S_0),
     one ``LevelStream`` per summary level -> attended (B, H, N, R, E)."""
     batch, heads, blocks, rows, width = queries.shape
     scores = [torch.matmul(queries, local_keys.transpose(-1, -2))]  # (B, H, N, R, S_0)
-    masks = [local_mask.unsqueeze(1).expand(batch, 1, blocks, rows, -1)]  # (B, 1, N, R, S_0)
+    masks = [local_mask.expand(batch, 1, blocks, rows, -1)]  # (B, 1, N, R, S_0)
     bands = []
     for level, (stream_keys, stream_values, seen, had) in enumerate(streams, start=1):
         items, slots = stream_keys.shape[2], stream_keys.shape[3]

@@ -155,8 +155,8 @@ def calibrate_gates(model, x):
             gate, weight = policy.gates[str(level)], policy.novelty_weights[str(level)]
             record, = [r for r in record_candidates(model, x)[2][layer] if r["level"] == level]
             streams = [record["values"][row].movedim(1, 0)[record["valid"][row]] for row in range(x.shape[0])]
-            assert sum(len(stream) for stream in streams) >= 2, (layer, level)
             total = sum(len(stream) for stream in streams)
+            assert total >= 2, (layer, level)
 
             def outcome(bias):  # (written, smallest |score|) over the streams at this bias
                 with torch.no_grad():
