@@ -4,7 +4,10 @@ For each task (``redundant_stream``, ``sparse_signal``) and policy, a fresh
 one-layer HNAE with the same windows trains on each length until it solves it
 (99% of the queries right on held-out batches) or its time budget ends. Then:
 accuracy, the fraction of candidates each summary level wrote, the streaming
-state's bytes per stream, and the furthest length solved.
+state's bytes per stream, and the furthest length solved. A second sweep holds
+the distance of ``redundant_stream`` fixed and varies how many frames each
+scene is held (r): how much a policy saves, and what it reaches, as the
+stream's redundancy changes.
 
     hnae bench memory                       # default profile, about 12 min on 2 CPU cores
     hnae bench memory --profile tiny        # seconds: checks the pipeline
@@ -33,10 +36,12 @@ POLICIES = ("all", "novelty", "learned")
 PROFILES = {
     # lengths: redundant_stream distances / sparse_signal noise lengths; budget: seconds per run
     "tiny": {"redundant_stream": (4, 8), "sparse_signal": (16,), "budget": 2.0, "width": 8, "window": 8,
-             "batch": 8},
+             "batch": 8, "holds": (2, 5), "hold_distance": 8},
     "default": {"redundant_stream": (20, 100, 200, 400), "sparse_signal": (160,), "budget": 60.0, "width": 32,
-                "window": 64, "batch": 32},
+                "window": 64, "batch": 32, "holds": (2, 5, 10, 20), "hold_distance": 200},
 }
+# the hold sweep leaves out "all": it writes every frame whatever r is, so its reach in frames does not change
+HOLD_SWEEP_POLICIES = ("novelty", "learned")
 THRESHOLD, BUDGET, LR = 0.9, 0.1, 3e-3
 PENALTY_WEIGHT = 0.01  # small: with Adam a larger weight shuts every gate before the task can hold any open
 TASK_OPTIONS = {"redundant_stream": {"hold": 10}, "sparse_signal": {"num_pairs": 8}}
@@ -49,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", type=name_list(tuple(TASK_OPTIONS)), default=tuple(TASK_OPTIONS))
     parser.add_argument("--policies", type=name_list(POLICIES), default=POLICIES)
     parser.add_argument("--distances", type=increasing_lengths, help="redundant_stream distances")
+    parser.add_argument("--holds", type=increasing_lengths,
+                        help="redundant_stream frames per scene (r) for the hold sweep")
+    parser.add_argument("--hold-distance", type=int, help="the hold sweep's distance (frames)")
+    parser.add_argument("--no-hold-sweep", action="store_true", help="skip the hold sweep")
     parser.add_argument("--noise-lengths", type=increasing_lengths, help="sparse_signal stream lengths")
     parser.add_argument("--time-budget", type=positive(float), help="seconds of training per run")
     parser.add_argument("--threshold", type=float, default=THRESHOLD, help="novelty threshold (cosine)")
@@ -113,6 +122,12 @@ def train_one(task, policy: str, settings: dict, say) -> dict:
             "state_bytes_per_stream": encoder.init_state(1).nbytes, "history": history}
 
 
+def describe(run: dict) -> str:
+    return (f"accuracy {run['accuracy']:.3f} ({'solved' if run['solved'] else 'not solved'}), "
+            f"written {run['written_fraction'][0]:.1%}, state {run['state_bytes_per_stream']:,} B/stream, "
+            f"{run['steps']} steps")
+
+
 def run_task(task_name: str, lengths: tuple[int, ...], settings: dict, say) -> dict:
     section = {"lengths": list(lengths), "options": TASK_OPTIONS[task_name], "runs": [], "furthest_solved": {}}
     for policy in settings["policies"]:
@@ -124,12 +139,24 @@ def run_task(task_name: str, lengths: tuple[int, ...], settings: dict, say) -> d
                 continue
             run = train_one(task, policy, settings, say)
             section["runs"].append(run)
-            say(f"  {task_name} {policy:8s} length {length:5d}: accuracy {run['accuracy']:.3f} "
-                f"({'solved' if run['solved'] else 'not solved'}), written {run['written_fraction'][0]:.1%}, "
-                f"state {run['state_bytes_per_stream']:,} B/stream, {run['steps']} steps")
+            say(f"  {task_name} {policy:8s} length {length:5d}: {describe(run)}")
             if run["solved"]:
                 section["furthest_solved"][policy] = length
             failed = not run["solved"]
+    return section
+
+
+def run_hold_sweep(settings: dict, say) -> dict:
+    """redundant_stream at one distance, each scene held r frames for every r of the sweep."""
+    distance = settings["hold_distance"]
+    section = {"distance": distance, "holds": list(settings["holds"]), "runs": [],
+               "policies": [policy for policy in settings["policies"] if policy in HOLD_SWEEP_POLICIES]}
+    for policy in section["policies"]:
+        for hold in settings["holds"]:
+            task = make_task("redundant_stream", distance, **{**TASK_OPTIONS["redundant_stream"], "hold": hold})
+            run = {**train_one(task, policy, settings, say), "hold": hold}
+            section["runs"].append(run)
+            say(f"  hold {hold:3d} {policy:8s} distance {distance}: {describe(run)}")
     return section
 
 
@@ -137,13 +164,19 @@ def resolve_settings(args: argparse.Namespace) -> dict:
     profile = PROFILES[args.profile]
     if not -1.0 <= args.threshold <= 1.0 or not 0.0 < args.budget <= 1.0:
         raise ValueError("--threshold must be in [-1, 1] and --budget in (0, 1]")
+    if args.hold_distance is not None and args.hold_distance < 0:
+        raise ValueError(f"--hold-distance must be >= 0, got {args.hold_distance}")
+    sweep_holds = (not args.no_hold_sweep and "redundant_stream" in args.tasks
+                   and any(policy in HOLD_SWEEP_POLICIES for policy in args.policies))
     return {"profile": args.profile, "tasks": list(args.tasks), "policies": list(args.policies),
             "lengths": {"redundant_stream": list(args.distances or profile["redundant_stream"]),
                         "sparse_signal": list(args.noise_lengths or profile["sparse_signal"])},
             "seconds": float(args.time_budget or profile["budget"]), "width": profile["width"],
             "window": profile["window"], "batch": profile["batch"], "threshold": args.threshold,
             "budget": args.budget, "seed": args.seed, "eval_every": 25 if args.profile != "tiny" else 5,
-            "progress": not args.no_progress}
+            "progress": not args.no_progress,
+            "holds": list(args.holds or profile["holds"]) if sweep_holds else [],
+            "hold_distance": args.hold_distance if args.hold_distance is not None else profile["hold_distance"]}
 
 
 def main(argv: list[str]) -> int:
@@ -170,6 +203,9 @@ def main(argv: list[str]) -> int:
         for task_name in settings["tasks"]:
             say(f"{task_name}:")
             results["tasks"][task_name] = run_task(task_name, tuple(settings["lengths"][task_name]), settings, say)
+        if settings["holds"]:
+            say(f"redundant_stream, hold sweep at distance {settings['hold_distance']}:")
+            results["hold_sweep"] = run_hold_sweep(settings, say)
     except KeyboardInterrupt:
         results["interrupted"] = True
         say("interrupted: writing the report of what has run so far")

@@ -81,6 +81,52 @@ def verdicts(results: dict) -> list[str]:
     return lines
 
 
+def plot_hold_sweep(section: dict, path: Path) -> Path:
+    """Accuracy (left) and written fraction (right) against r at one distance, with the 1/r line."""
+    figure = Figure(figsize=(10, 4))
+    FigureCanvasAgg(figure)
+    accuracy_axes, written_axes = figure.subplots(1, 2)
+    for policy in section["policies"]:
+        runs = [run for run in section["runs"] if run["policy"] == policy]
+        holds = [run["hold"] for run in runs]
+        accuracy_axes.plot(holds, [run["accuracy"] for run in runs], "o-", label=policy, color=COLOURS.get(policy))
+        written_axes.plot(holds, [run["written_fraction"][0] for run in runs], "o-", label=policy,
+                          color=COLOURS.get(policy))
+    holds = section["holds"]
+    written_axes.plot(holds, [1 / hold for hold in holds], ":", color="black", label="1/r (one item per scene)")
+    accuracy_axes.axhline(0.99, color="black", linewidth=0.5, linestyle="--")
+    label = "frames per scene (r)"
+    accuracy_axes.set(xlabel=label, ylabel="query accuracy", ylim=(0, 1.05),
+                      title=f"redundant_stream, distance {section['distance']}: accuracy")
+    written_axes.set(xlabel=label, ylabel="fraction of candidates written (level 1)", ylim=(0, 1.05),
+                     title="items written")
+    for axes in (accuracy_axes, written_axes):
+        axes.set_xscale("log")
+        axes.set_xticks(holds, [str(hold) for hold in holds])
+        axes.minorticks_off()
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def hold_sweep_lines(section: dict, out_dir: Path, window: int) -> list[str]:
+    """The hold sweep's section of the report: a table, a plot."""
+    lines = [f"## redundant_stream: frames per scene (r) at distance {section['distance']}", "",
+             f"The same task and model at one distance, each scene held r frames. `all` is not run: it "
+             f"writes every frame whatever r is, so it sees the last {window} frames at every r.", "",
+             "| policy | r | frames | accuracy | solved | written (level 1) | 1/r | steps | seconds to solve |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for run in section["runs"]:
+        solved_at = f"{run['solved_at_seconds']:.0f}" if run["solved_at_seconds"] is not None else "-"
+        lines.append(f"| {run['policy']} | {run['hold']} | {run['total_length']} | {run['accuracy']:.3f} | "
+                     f"{'yes' if run['solved'] else 'no'} | {run['written_fraction'][0]:.1%} | "
+                     f"{1 / run['hold']:.1%} | {run['steps']} | {solved_at} |")
+    plot = plot_hold_sweep(section, out_dir / "memory-hold_sweep.png")
+    return lines + ["", f"![hold sweep]({plot.name})", ""]
+
+
 def write_report(results: dict, out_dir: Path) -> Path:
     settings = results["settings"]
     lines = ["# hnae bench memory", "", f"Command: `{results['command']}`", "",
@@ -105,6 +151,8 @@ def write_report(results: dict, out_dir: Path) -> Path:
                          f"{run['state_bytes_per_stream']:,} | {run['steps']} | {solved_at} |")
         plot = plot_task(task_name, section, out_dir / f"memory-{task_name}.png")
         lines += ["", f"Furthest solved: {section['furthest_solved'] or 'none'}", "", f"![{task_name}]({plot.name})", ""]
+    if results.get("hold_sweep", {}).get("runs"):
+        lines += hold_sweep_lines(results["hold_sweep"], out_dir, settings["window"])
     if results.get("interrupted"):
         lines += ["The run was interrupted: the tables hold what had run.", ""]
     path = out_dir / "memory-report.md"

@@ -224,6 +224,23 @@ def test_targets_say_pass_miss_and_bounds():
     assert failed[0]["status"] == failed[3]["status"] == "MISS"   # hnae itself failed: a miss
 
 
+def test_a_near_miss_shows_its_digits_and_the_tcn_miss_its_needed_utilisation():
+    results = _synthetic(36_000, 35_000, {"status": "timeout"}, bytes_at_64k=110.4)
+    results["training"]["hnae"]["4096"]["summary"].update(mfu=0.34, model_flops_per_second=6.4e10)
+    results["training"]["tcn"] = {"4096": {"status": "ok", "summary": {"train_tokens_per_second": 31_000}}}
+    targets = perf_targets.evaluate_targets(results)
+    memory = targets[5]
+    assert memory["status"] == "MISS" and "measured 1.104x, over by 0.4%" in memory["detail"]
+    tcn = targets[1]
+    assert tcn["status"] == "MISS"
+    # 3 x 31,000 tokens/s x (6.4e10 / 36,000) FLOP per token over the 1e11 peak
+    needed = perf_targets.needed_utilisation(results, "tcn", 4096, 3.0)
+    assert needed == pytest.approx(3 * 31_000 * 6.4e10 / 36_000 / 1e11)
+    assert "it needs 165% of the matmul peak (measured 34%)" in tcn["detail"]
+    del results["training"]["hnae"]["4096"]["summary"]["model_flops_per_second"]
+    assert perf_targets.needed_utilisation(results, "tcn", 4096, 3.0) is None
+
+
 def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         perf.main(["--seq-lens", "512,256"])
