@@ -48,5 +48,7 @@ class PeriodicRotary(nn.Module):
         if self.rotary_width == 0:
             return x
         half = self.rotary_width // 2
-        first, second, rest = x[..., :half], x[..., half:self.rotary_width], x[..., self.rotary_width:]
+        # split, not three slices: its backward is one concatenation, where each slice's backward would
+        # zero-fill a tensor of x's full size and copy its part in, and autograd then add the three up
+        first, second, rest = x.split([half, half, x.shape[-1] - self.rotary_width], dim=-1)
         return torch.cat([first * cos - second * sin, first * sin + second * cos, rest], dim=-1)
