@@ -128,8 +128,9 @@ def describe(run: dict) -> str:
             f"{run['steps']} steps")
 
 
-def run_task(task_name: str, lengths: tuple[int, ...], settings: dict, say) -> dict:
-    section = {"lengths": list(lengths), "options": TASK_OPTIONS[task_name], "runs": [], "furthest_solved": {}}
+def run_task(task_name: str, section: dict, settings: dict, say) -> None:
+    """Trains every policy on each of the section's lengths, adding each run to the section as it ends."""
+    lengths = section["lengths"]
     for policy in settings["policies"]:
         failed = False
         for length in lengths:
@@ -143,21 +144,17 @@ def run_task(task_name: str, lengths: tuple[int, ...], settings: dict, say) -> d
             if run["solved"]:
                 section["furthest_solved"][policy] = length
             failed = not run["solved"]
-    return section
 
 
-def run_hold_sweep(settings: dict, say) -> dict:
+def run_hold_sweep(section: dict, settings: dict, say) -> None:
     """redundant_stream at one distance, each scene held r frames for every r of the sweep."""
-    distance = settings["hold_distance"]
-    section = {"distance": distance, "holds": list(settings["holds"]), "runs": [],
-               "policies": [policy for policy in settings["policies"] if policy in HOLD_SWEEP_POLICIES]}
+    distance = section["distance"]
     for policy in section["policies"]:
         for hold in settings["holds"]:
             task = make_task("redundant_stream", distance, **{**TASK_OPTIONS["redundant_stream"], "hold": hold})
             run = {**train_one(task, policy, settings, say), "hold": hold}
             section["runs"].append(run)
             say(f"  hold {hold:3d} {policy:8s} distance {distance}: {describe(run)}")
-    return section
 
 
 def resolve_settings(args: argparse.Namespace) -> dict:
@@ -200,12 +197,17 @@ def main(argv: list[str]) -> int:
         f"up to {settings['seconds']:g} s per run; writing {out_dir}")
     started = time.perf_counter()
     try:
-        for task_name in settings["tasks"]:
+        for task_name in settings["tasks"]:   # each section is in the results before its first run ends
             say(f"{task_name}:")
-            results["tasks"][task_name] = run_task(task_name, tuple(settings["lengths"][task_name]), settings, say)
+            section = results["tasks"][task_name] = {"lengths": settings["lengths"][task_name], "runs": [],
+                                                     "options": TASK_OPTIONS[task_name], "furthest_solved": {}}
+            run_task(task_name, section, settings, say)
         if settings["holds"]:
             say(f"redundant_stream, hold sweep at distance {settings['hold_distance']}:")
-            results["hold_sweep"] = run_hold_sweep(settings, say)
+            section = results["hold_sweep"] = {
+                "distance": settings["hold_distance"], "holds": settings["holds"], "runs": [],
+                "policies": [policy for policy in settings["policies"] if policy in HOLD_SWEEP_POLICIES]}
+            run_hold_sweep(section, settings, say)
     except KeyboardInterrupt:
         results["interrupted"] = True
         say("interrupted: writing the report of what has run so far")

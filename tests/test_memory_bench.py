@@ -37,6 +37,28 @@ def test_tiny_profile_writes_every_section(tmp_path):
         assert line in report
 
 
+def test_an_interrupted_sweep_reports_the_runs_that_ended(tmp_path, monkeypatch):
+    train_one = memory_bench.train_one
+
+    def stopping(task, policy, settings, say):   # Ctrl-C during the sweep's last run
+        if policy == "learned" and task.options["hold"] == 5:
+            raise KeyboardInterrupt
+        return train_one(task, policy, settings, say)
+
+    monkeypatch.setattr(memory_bench, "train_one", stopping)
+    out = tmp_path / "memory"
+    argv = ["--profile", "tiny", "--time-budget", "0.2", "--no-progress", "--threads", "1", "--out", str(out),
+            "--tasks", "redundant_stream", "--distances", "4", "--policies", "novelty,learned"]
+    assert memory_bench.main(argv) == 0
+    results = json.loads((out / "memory-results.json").read_text())
+    assert results["interrupted"] is True
+    assert [run["policy"] for run in results["tasks"]["redundant_stream"]["runs"]] == ["novelty", "learned"]
+    assert [(run["policy"], run["hold"]) for run in results["hold_sweep"]["runs"]] == [
+        ("novelty", 2), ("novelty", 5), ("learned", 2)]
+    report = (out / "memory-report.md").read_text()
+    assert "| learned | 2 | " in report and "The run was interrupted" in report
+
+
 @pytest.mark.parametrize("argv", [["--no-hold-sweep"], ["--tasks", "sparse_signal"], ["--policies", "all"]])
 def test_hold_sweep_left_out(tmp_path, argv):
     args = memory_bench.build_parser().parse_args(["--profile", "tiny", *argv])
