@@ -36,7 +36,7 @@ from torch import nn
 from .kernels import attend
 from .banded import band_pays, banded_attention
 from .memory_levels import gathered_levels, policy_levels
-from .pooling import AttentionPool
+from .pooling import POOLS
 from .rotary import PeriodicRotary
 from .reach import level_spans
 from .state import layer_state_shapes
@@ -57,7 +57,8 @@ class HierarchicalAttention(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, windows: tuple[int, ...], summary_slots: int = 1,
                  bias: bool = True, write_policy: tuple = (), thresholds: tuple = (), budgets: tuple = (),
-                 place_rank: int | None = None, device=None, dtype=None) -> None:
+                 place_rank: int | None = None, summary_pool: str = "attention", device=None,
+                 dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_heads = d_model, num_heads
@@ -77,8 +78,8 @@ class HierarchicalAttention(nn.Module):
         content[: self.rotary.rotary_width] = 0.0
         self.register_buffer("content_mask", content, persistent=False)  # (E,)
         self.pools = nn.ModuleList(
-            AttentionPool(d_model, num_heads, width * (1 if level == 0 else summary_slots), summary_slots,
-                          content, bias=bias, place_rank=place_rank, **factory)
+            POOLS[summary_pool](d_model, num_heads, width * (1 if level == 0 else summary_slots), summary_slots,
+                                content, bias=bias, place_rank=place_rank, **factory)
             for level, width in enumerate(self.windows[:-1]))
         self.age_keys = nn.ParameterList(
             nn.Parameter(torch.randn(num_heads, width, self.head_width, **factory) * 0.02)

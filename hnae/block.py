@@ -27,7 +27,8 @@ class HNAEBlock(nn.Module):
     def __init__(self, in_features: int, hidden_size: int, num_heads: int, windows: tuple[int, ...],
                  summary_slots: int, ffn_width: int, proj_size: int = 0, bias: bool = True,
                  write_policy: tuple = (), thresholds: tuple = (), budgets: tuple = (),
-                 place_rank: int | None = None, device=None, dtype=None) -> None:
+                 place_rank: int | None = None, summary_pool: str = "attention", device=None,
+                 dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.project_in = (nn.Identity() if in_features == hidden_size
@@ -37,7 +38,8 @@ class HNAEBlock(nn.Module):
         self.norm_attention = nn.LayerNorm(hidden_size, **factory)
         self.attention = HierarchicalAttention(hidden_size, num_heads, windows, summary_slots, bias=bias,
                                                write_policy=write_policy, thresholds=thresholds,
-                                               budgets=budgets, place_rank=place_rank, **factory)
+                                               budgets=budgets, place_rank=place_rank,
+                                               summary_pool=summary_pool, **factory)
         self.norm_feed_forward = nn.LayerNorm(hidden_size, **factory)
         self.feed_forward = nn.Sequential(
             nn.Linear(hidden_size, ffn_width, bias=bias, **factory),

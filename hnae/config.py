@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from .write_policy import normalise_policy
 
+SUMMARY_POOLS = ("attention", "select")  # the names of hnae.pooling.POOLS (a test keeps them in step)
+
 
 def _require_int(name: str, value, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -35,7 +37,11 @@ class HNAEConfig:
     windows: per-level window sizes ``(w_0, ..., w_{L-1})``. Level 0 attends to
         the last ``w_0`` inputs; level ``l >= 1`` to the last ``w_l`` summaries,
         each summarising ``w_0 * ... * w_{l-1}`` inputs.
-    summary_slots: vectors per summary (``K``): learned queries that pool a block.
+    summary_slots: vectors per summary (``K``).
+    summary_pool: how a block becomes its ``K`` summary vectors: ``"attention"`` (default;
+        ``K`` learned queries each pool a mix of the block's items) or ``"select"`` (the
+        block's ``K`` most salient items themselves, in order; needs ``K <= w_0``). See
+        ``hnae.pooling``.
     ffn_multiplier: width of the feed-forward layer as a multiple of hidden_size.
     write_policy, threshold, budget: which summaries each level ``l >= 1`` writes into
         its memory (see ``hnae.write_policy``); one value for every summary level or a
@@ -61,6 +67,7 @@ class HNAEConfig:
     threshold: float | tuple[float, ...] | None = None
     budget: float | tuple[float, ...] | None = None
     place_rank: int | None = None
+    summary_pool: str = "attention"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +78,8 @@ class HNAEConfig:
         _require_int("summary_slots", self.summary_slots, 1)
         if self.place_rank is not None:
             _require_int("place_rank", self.place_rank, 1)
+        if self.summary_pool not in SUMMARY_POOLS:
+            raise ValueError(f"summary_pool must be one of {SUMMARY_POOLS}, got {self.summary_pool!r}")
         for flag in ("bias", "batch_first", "bidirectional"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
@@ -93,6 +102,9 @@ class HNAEConfig:
                     f"windows must hold positive ints, got {width!r} at level {level} in {tuple(windows)!r}"
                 )
         object.__setattr__(self, "windows", tuple(int(w) for w in windows))
+        if self.summary_pool == "select" and len(windows) > 1 and self.summary_slots > windows[0]:
+            raise ValueError(f"summary_pool='select' keeps summary_slots={self.summary_slots} items of each "
+                             f"level-0 block of w_0={windows[0]}: it needs summary_slots <= w_0")
         heads = self.num_heads if self.num_heads is not None else default_num_heads(self.hidden_size)
         _require_int("num_heads", heads, 1)
         if self.hidden_size % heads != 0:

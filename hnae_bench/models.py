@@ -39,7 +39,7 @@ HNAE_DEPTH = {'small': 2, 'large': 3}        # hnae layers: large trades a layer
 # (64, 64, 64) 0.87x; 4 layers (64, 16, 16, 16) 1.03x; 3 layers (64, 16, 16, 16) 1.07x.
 HNAE_WINDOWS = {'small': 8, 'large': 16}
 HNAE_FIRST_WINDOW = {'small': 128, 'large': 64}  # level 0: a wide local window learns recall fast
-HNAE_SLOTS = {'small': 8, 'large': 2}        # small: copy-style recall of many symbols; large: long T
+HNAE_SLOTS = {'small': 16, 'large': 2}       # small: copy-style recall of many symbols; large: long T
 # small: rank-8 place tables. Full tables (128 places x D per layer, and per pool) took 24k of the
 # 40k parameters and left width 24, which stalled on copy T = 200 in 6 of 7 race runs; rank 8 gives
 # width 32 at 42k, which solved T = 200 in 3 of 4 (docs/RESULTS.md, "place tables").
@@ -48,6 +48,10 @@ HNAE_PLACE_RANK = {'small': 8, 'large': None}
 # large uses 2 heads of 36: the CPU's fused attention is faster on wider heads (interleaved A/B,
 # T=4k, 2-core EPYC: 4 heads of 18 14.4k, 2 of 36 15.3k, 1 of 72 19.4k tokens/s; one head is a weak model)
 HNAE_HEADS = {'small': None, 'large': 2}
+# summary_pool (see hnae.pooling). small: "select" keeps each block's 16 most salient items as they are, so
+# a block's summary holds its symbols in order from the first step; with pooled slots (8 of them) copy sat
+# for thousands of steps on T = 500 with summaries that held a bag of the symbols (docs/RESULTS.md).
+HNAE_POOL = {'small': 'select', 'large': 'attention'}
 TCN_KERNEL_SIZE = 8                          # the TCN paper's kernel for the copy task
 
 @dataclass
@@ -250,12 +254,12 @@ def _recipe_hnae(task, preset, max_len, write_policy='all', threshold=None, budg
     def make(width):
         encoder = hnae.HNAE(task.input_size, width, num_layers=layers, batch_first=True, windows=windows,
                             num_heads=HNAE_HEADS[preset], summary_slots=slots, ffn_multiplier=2,
-                            place_rank=HNAE_PLACE_RANK[preset], **policy)
+                            place_rank=HNAE_PLACE_RANK[preset], summary_pool=HNAE_POOL[preset], **policy)
         return HNAEBody(encoder)
     return BodyRecipe(make, 8, {'num_layers': layers, 'windows': list(windows), 'summary_slots': slots,
                                 'num_heads': HNAE_HEADS[preset],
                                 'ffn_multiplier': 2, 'place_rank': HNAE_PLACE_RANK[preset],
-                                'guaranteed_reach': math.prod(windows), **policy})
+                                'summary_pool': HNAE_POOL[preset], 'guaranteed_reach': math.prod(windows), **policy})
 
 
 def _recipe_recurrent(rnn_class):

@@ -18,6 +18,7 @@ Environment switches (unset: the preset as it is):
                weights per head, slot and place, not an attention: a strided convolution over the
                block, like the compressive transformer's convolutional compression; the mix starts
                random (std LINEAR_STD / sqrt(n), default 1), so slots tell places apart from step 0
+    SUMMARY_POOL  the small preset's summary_pool ("attention"; "select": see hnae.pooling)
     LOCAL_DROP=p  in training, each query row (of every stream and head alike) loses its local window
                with probability p, keeping only its own position: it must read the summaries, so
                the gradient of reading them never vanishes where the local window wins the softmax
@@ -60,6 +61,9 @@ if "HEADS" in os.environ:
 
 if "WIDTH" in os.environ:  # a fixed body width instead of the one that meets the parameter target
     models.fit_width = lambda *args, **kwargs: int(os.environ["WIDTH"])
+
+if "SUMMARY_POOL" in os.environ:
+    models.HNAE_POOL["small"] = os.environ["SUMMARY_POOL"]
 
 if "PLACE_RANK" in os.environ:  # the preset's place-table rank; "full": full tables
     value = os.environ["PLACE_RANK"]

@@ -7,10 +7,11 @@ Run it with the same environment switches as the run (see scripts/copy_variant.p
 applied here too, so the model is rebuilt with the same shape. Prints, for each length T:
 
 - the accuracy of each of the 10 answers, with the answer's place in its level-0 block;
-- for each layer's level-1 pool, on the block that holds the symbols (block 0): the share of
-  each slot's attention on the 10 symbol places (uniform: 10/w_0) and the largest share one
-  symbol place gets among the 10 (uniform: 0.10). Near-uniform shares mean each slot holds
-  a bag of the symbols, not their order;
+- for each layer's level-1 pool, on the block that holds the symbols (block 0): for an attention
+  pool, the share of each slot's attention on the 10 symbol places (uniform: 10/w_0) and the
+  largest share one symbol place gets among the 10 (uniform: 0.10); near-uniform shares mean
+  each slot holds a bag of the symbols, not their order. For a selecting pool
+  (``summary_pool="select"``), how often each symbol place is among the items block 0 keeps;
 - the share of each layer's attention, at the first and the middle answer step, on the
   level-1 memory (the summaries), with the position of the summary that gets the most.
 """
@@ -22,6 +23,7 @@ import torch
 import copy_variant  # noqa: F401  (applies the environment switches to the presets)
 from hnae.inspect import trace_memory
 from hnae.places import place_table
+from hnae.pooling import SelectPool
 from hnae_bench.checkpoint import latest_checkpoint, load_checkpoint
 from hnae_bench.models import build_model
 from hnae_bench.tasks import make_task
@@ -60,6 +62,24 @@ def pool_shares(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.Ten
     return shares
 
 
+def kept_symbol_places(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer with a selecting pool: how often each of the 10 symbol places is kept in block 0 (10,)."""
+    kept, hooks = [], []
+
+    def record(pool, inputs, _output):
+        chosen = pool.salience_scores(inputs[1])[:, 0].topk(pool.slots, dim=-1).indices  # block 0: (B, K)
+        places = torch.arange(NUM_ANSWERS)
+        kept.append((chosen.unsqueeze(-1) == places).any(dim=1).float().mean(0))  # (10,)
+
+    for (layer,) in model.body.encoder.layers:
+        hooks.append(layer.attention.pools[0].register_forward_hook(record))
+    with torch.no_grad():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return kept
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run")
@@ -79,7 +99,11 @@ def main(argv: list[str]) -> int:
         print(f"T = {length}: overall {accuracy.mean():.3f}")
         print("  answer place in block: " + " ".join(f"{(first_answer + i) % block:4d}" for i in range(NUM_ANSWERS)))
         print("  answer accuracy:       " + " ".join(f"{a:4.2f}" for a in accuracy.tolist()))
-        for index, (on_symbols, largest) in enumerate(pool_shares(model, x[:32])):
+        selecting = isinstance(encoder.layers[0][0].attention.pools[0], SelectPool)
+        for index, share in enumerate(kept_symbol_places(model, x[:32]) if selecting else []):
+            print(f"  layer {index} pool keeps symbol place 0..9 of block 0 in: "
+                  + " ".join(f"{v:4.2f}" for v in share.tolist()))
+        for index, (on_symbols, largest) in enumerate([] if selecting else pool_shares(model, x[:32])):
             print(f"  layer {index} pool, share on symbol places per slot (rows: heads):")
             print("    " + "\n    ".join(" ".join(f"{v:4.2f}" for v in row) for row in on_symbols.tolist()))
             print("    largest share of one symbol place: "

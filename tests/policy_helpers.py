@@ -16,12 +16,13 @@ HIDDEN = 8
 EXACT = 1e-10  # float64: streaming and parallel differ by rounding only
 
 def policy_model(windows, num_layers=1, policy="all", threshold=None, budget=None, slots=1, seed=0,
-                 gate_bias=0.0, gate_std=0.5):
+                 gate_bias=0.0, gate_std=0.5, summary_pool="attention"):
     """A tiny float64 model in eval mode. Learned gates get weights of std ``gate_std`` (not the
     initial 0.02, which makes every gate almost the same) and bias ``gate_bias``: see ``calibrate_gates``."""
     torch.manual_seed(seed)
     model = hnae.HNAE(FEATURES, HIDDEN, num_layers, batch_first=True, windows=windows, num_heads=2,
-                      summary_slots=slots, write_policy=policy, threshold=threshold, budget=budget)
+                      summary_slots=slots, write_policy=policy, threshold=threshold, budget=budget,
+                      summary_pool=summary_pool)
     generator = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for (block,) in model.layers:
@@ -77,7 +78,10 @@ CONFIGS = {
     "novelty,all": ((3, 2, 2), 1, 1, ("novelty", "all"), (0.9, None)),
     "all,learned": ((3, 2, 2), 2, 2, ("all", "learned"), None),
     "learned,novelty": ((3, 2, 2), 1, 2, ("learned", "novelty"), (None, 0.9)),
+    "novelty-select": ((3, 2, 2), 2, 2, "novelty", 0.9),
+    "learned,all-select": ((4, 3, 2), 1, 2, ("learned", "all"), None),
 }
+SELECTING = {"novelty-select", "learned,all-select"}   # these build with summary_pool="select"
 
 
 def record_candidates(model, x):
@@ -179,7 +183,8 @@ def calibrate_gates(model, x):
 
 def config_model(name, x):
     windows, num_layers, slots, policy, threshold = CONFIGS[name]
-    return calibrate_gates(policy_model(windows, num_layers, policy, threshold, slots=slots), x)
+    pool = "select" if name in SELECTING else "attention"
+    return calibrate_gates(policy_model(windows, num_layers, policy, threshold, slots=slots, summary_pool=pool), x)
 
 
 def assert_policies_bite(model, state):

@@ -12,8 +12,9 @@ CASES = [((4, 4), 1), ((4, 4), 2), ((7, 5, 3), 1), ((7, 5, 3), 2), ((5,), 3), ((
 
 
 @pytest.mark.parametrize("windows,num_layers", CASES)
-def test_future_inputs_never_change_past_outputs(windows, num_layers):
-    model = tiny_model(windows, num_layers)
+@pytest.mark.parametrize("pool", ["attention", "select"])
+def test_future_inputs_never_change_past_outputs(windows, num_layers, pool):
+    model = tiny_model(windows, num_layers, summary_pool=pool)
     steps = 2 * model.receptive_field
     x = random_input(2, steps, 5)
     with torch.no_grad():
@@ -26,9 +27,11 @@ def test_future_inputs_never_change_past_outputs(windows, num_layers):
 
 
 @pytest.mark.parametrize("windows,num_layers", CASES)
-def test_reach_both_ways(windows, num_layers):
-    """x[first_visible(t)] changes out[t]; nothing before it does (float64: no rounding luck)."""
-    model = tiny_model(windows, num_layers, dtype=torch.float64)
+@pytest.mark.parametrize("pool", ["attention", "select"])
+def test_reach_both_ways(windows, num_layers, pool):
+    """x[first_visible(t)] changes out[t]; nothing before it does (float64: no rounding luck).
+    A selecting pool also passes: every item moves its block's mean, so every kept item's gate."""
+    model = tiny_model(windows, num_layers, dtype=torch.float64, summary_pool=pool)
     steps = 3 * model.receptive_field
     x = random_input(1, steps, 5, dtype=torch.float64)
     with torch.no_grad():

@@ -23,6 +23,8 @@ def build(kind: str) -> hnae.HNAE:
         return tiny_model(windows=(4, 4), num_layers=2)
     if kind == "factored-places":
         return tiny_model(windows=(4, 3, 2), num_layers=2, place_rank=2)
+    if kind == "selecting-pools":
+        return tiny_model(windows=(4, 3, 2), num_layers=2, summary_pool="select", place_rank=2)
     torch.manual_seed(3)  # time-first layout, projection, no bias, three levels, float64
     return hnae.HNAE(4, 12, 2, bias=False, proj_size=6, windows=(2, 3, 2), num_heads=3,
                      summary_slots=1, ffn_multiplier=1.5).double().eval()
@@ -42,7 +44,7 @@ def edit_config(directory: Path, change) -> None:
     path.write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("kind", ["two-layer", "time-first-projected-float64", "factored-places"])
+@pytest.mark.parametrize("kind", ["two-layer", "time-first-projected-float64", "factored-places", "selecting-pools"])
 def test_round_trip_is_exact(tmp_path, kind):
     model = build(kind)
     model.save_pretrained(tmp_path / "saved")

@@ -26,8 +26,9 @@ def chunk_plans(w0):
 @pytest.mark.parametrize("windows", [(4, 4), (7, 5, 3)])
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
 @pytest.mark.parametrize("plan", ["1", "3", "w0-1", "w0", "w0+1", "random"])
-def test_chunked_equals_parallel(windows, num_layers, plan):
-    model = tiny_model(windows, num_layers)
+@pytest.mark.parametrize("pool", ["attention", "select"])
+def test_chunked_equals_parallel(windows, num_layers, plan, pool):
+    model = tiny_model(windows, num_layers, summary_pool=pool)
     steps = 3 * model.receptive_field + 5  # far past the reach, across every level boundary
     x = random_input(2, steps, 5)
     with torch.no_grad():
