@@ -41,43 +41,34 @@ def load_model(path: str) -> torch.nn.Module:
     return model.eval()
 
 
-def pool_shares(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer: (share on the symbol places, largest share of one symbol place), each (H, K)."""
-    shares, hooks = [], []
-
-    def record(pool, inputs, _output):
-        keys = inputs[0] + place_table(pool, "place_keys").unsqueeze(1)  # (B, H, M, n, E)
-        queries = pool.queries * pool.content_mask  # (H, K, E)
-        weights = torch.einsum("hke,bhmne->bhmkn", queries, keys).mul(keys.shape[-1] ** -0.5).softmax(-1)
-        on_symbols = weights[:, :, 0, :, :NUM_ANSWERS]  # block 0: (B, H, K, 10)
-        mean = on_symbols.mean(0)  # (H, K, 10)
-        shares.append((mean.sum(-1), mean.max(-1).values / mean.sum(-1)))
-
-    for (layer,) in model.body.encoder.layers:
-        hooks.append(layer.attention.pools[0].register_forward_hook(record))
+def on_first_pools(model: torch.nn.Module, x: torch.Tensor, measure) -> list:
+    """One forward of x; ``measure(pool, keys, values)`` on each layer's level-1 pool, in layer order."""
+    results, hooks, encoder = [], [], model.body.encoder
+    for (layer,) in encoder.layers:
+        hooks.append(layer.attention.pools[0].register_forward_hook(
+            lambda pool, inputs, _output: results.append(measure(pool, *inputs))))
+    chunking, encoder.time_chunk = encoder.time_chunk, 0   # one call per layer: block 0 is in it
     with torch.no_grad():
         model(x)
+    encoder.time_chunk = chunking
     for hook in hooks:
         hook.remove()
-    return shares
+    return results
 
 
-def kept_symbol_places(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """Per layer with a selecting pool: how often each of the 10 symbol places is kept in block 0 (10,)."""
-    kept, hooks = [], []
+def pool_shares(pool, keys: torch.Tensor, _values) -> tuple[torch.Tensor, torch.Tensor]:
+    """An attention pool: (share on the symbol places, largest share of one symbol place), each (H, K)."""
+    keys = keys + place_table(pool, "place_keys").unsqueeze(1)  # (B, H, M, n, E)
+    queries = pool.queries * pool.content_mask  # (H, K, E)
+    weights = torch.einsum("hke,bhmne->bhmkn", queries, keys).mul(keys.shape[-1] ** -0.5).softmax(-1)
+    mean = weights[:, :, 0, :, :NUM_ANSWERS].mean(0)  # block 0: (H, K, 10)
+    return mean.sum(-1), mean.max(-1).values / mean.sum(-1)
 
-    def record(pool, inputs, _output):
-        chosen = pool.salience_scores(inputs[1])[:, 0].topk(pool.slots, dim=-1).indices  # block 0: (B, K)
-        places = torch.arange(NUM_ANSWERS)
-        kept.append((chosen.unsqueeze(-1) == places).any(dim=1).float().mean(0))  # (10,)
 
-    for (layer,) in model.body.encoder.layers:
-        hooks.append(layer.attention.pools[0].register_forward_hook(record))
-    with torch.no_grad():
-        model(x)
-    for hook in hooks:
-        hook.remove()
-    return kept
+def kept_symbol_places(pool, _keys, values: torch.Tensor) -> torch.Tensor:
+    """A selecting pool: how often each of the 10 symbol places is kept in block 0, (10,)."""
+    chosen = pool.salience_scores(values)[:, 0].topk(pool.slots, dim=-1).indices  # block 0: (B, K)
+    return (chosen.unsqueeze(-1) == torch.arange(NUM_ANSWERS)).any(dim=1).float().mean(0)
 
 
 def main(argv: list[str]) -> int:
@@ -100,10 +91,10 @@ def main(argv: list[str]) -> int:
         print("  answer place in block: " + " ".join(f"{(first_answer + i) % block:4d}" for i in range(NUM_ANSWERS)))
         print("  answer accuracy:       " + " ".join(f"{a:4.2f}" for a in accuracy.tolist()))
         selecting = isinstance(encoder.layers[0][0].attention.pools[0], SelectPool)
-        for index, share in enumerate(kept_symbol_places(model, x[:32]) if selecting else []):
+        for index, share in enumerate(on_first_pools(model, x[:32], kept_symbol_places) if selecting else []):
             print(f"  layer {index} pool keeps symbol place 0..9 of block 0 in: "
                   + " ".join(f"{v:4.2f}" for v in share.tolist()))
-        for index, (on_symbols, largest) in enumerate([] if selecting else pool_shares(model, x[:32])):
+        for index, (on_symbols, largest) in enumerate([] if selecting else on_first_pools(model, x[:32], pool_shares)):
             print(f"  layer {index} pool, share on symbol places per slot (rows: heads):")
             print("    " + "\n    ".join(" ".join(f"{v:4.2f}" for v in row) for row in on_symbols.tolist()))
             print("    largest share of one symbol place: "
