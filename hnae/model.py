@@ -13,6 +13,7 @@ one too); or padded input with ``lengths``. The state is an ``HNAEState``
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from torch import nn
@@ -223,7 +224,8 @@ class HNAE(nn.Module):
         # In place with large windows, the graphs leave the local ring's slot to be written here:
         # inside a graph, a write into an input is compiled as a copy of the whole buffer, which
         # costs less than the eager writes only while the windows are small (batch 1).
-        graphs = {(completes, ring): torch.compile(functools.partial(self._step, completes=completes, ring=ring),
+        own_step = self._own_step()
+        graphs = {(completes, ring): torch.compile(functools.partial(own_step, completes=completes, ring=ring),
                                                    **options)
                   for completes in (True, False) for ring in ("copy", "defer")}
         dtype, first_window = self._parameter_dtype(), self.config.windows[0]
@@ -253,6 +255,16 @@ class HNAE(nn.Module):
     def _refuse_a_trace(self) -> None:
         if any(getattr(block.attention, "trace", None) is not None for (block, *_) in self.layers):
             raise RuntimeError("compile_step: a memory trace is set (hnae.trace_memory); trace with step()")
+
+    def _own_step(self):
+        """``self._step`` on a copy of its code object. Dynamo keeps compiled graphs on the code
+        object, and without guards on the modules it would hand one model's graphs to another
+        (another pool type, say) that calls the same code: a copy per compile_step keeps them apart."""
+        function = HNAE._step
+        copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                                  function.__defaults__, function.__closure__)
+        copy.__kwdefaults__ = function.__kwdefaults__
+        return types.MethodType(copy, self)
 
     def _step(self, x: torch.Tensor, state: HNAEState, branch_free: bool = False, completes: bool | None = None,
               ring: str = "copy"):

@@ -73,12 +73,14 @@ class SelectPool(nn.Module):
     blanks, a scene change), and training decides what else to keep. Each kept
     value, with the learned value of its place in the block, is projected and
     normalised, then scaled by ``sigmoid(salience)``: that is how the loss
-    reaches the score (the scale comes after the norm, which would undo it). A mixing pool
-    has to learn to keep places apart before its summaries hold order; a kept
-    item holds its order from the start.
+    reaches the score (the scale comes after the norm, which would undo it).
+    A mixing pool has to learn to keep places apart before its summaries hold
+    order; a kept item holds its order from the start.
 
     forward(keys, values): (B, H, M, n, E) each -> summaries (B, M, K, D),
-    layer-normalised and gated. Needs K <= n.
+    layer-normalised and gated. Needs K <= n. Only the values are read, so
+    ``content_mask`` (the pools' common signature) is not needed: values carry
+    no rotary phase.
     """
 
     DEVIATION_WEIGHT = 4.0

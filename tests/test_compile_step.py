@@ -13,11 +13,13 @@ pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g+
                                 reason="torch.compile on the CPU needs a C++ compiler")
 
 
-@pytest.mark.parametrize("in_place, deferred", [(False, False), (True, False), (True, True)])
-def test_compiled_step_equals_parallel_forward_across_blocks(in_place, deferred, monkeypatch):
+@pytest.mark.parametrize("in_place, deferred, pool", [(False, False, "attention"), (True, False, "attention"),
+                                                     (True, True, "attention"), (True, False, "select")])
+def test_compiled_step_equals_parallel_forward_across_blocks(in_place, deferred, pool, monkeypatch):
     if deferred:  # the ring slot written outside the graphs, as for large windows
         monkeypatch.setattr(hnae.model, "DEFER_RING_WRITE_BYTES", 0)
-    model = tiny_model(windows=(3, 2, 2), num_layers=2, write_policy=("novelty", "all"), threshold=0.5)
+    model = tiny_model(windows=(3, 2, 2), num_layers=2, write_policy=("novelty", "all"), threshold=0.5,
+                       summary_pool=pool)
     x = random_input(2, 17, 5)   # 17 steps: level-1 and level-2 blocks complete along the way
     with torch.no_grad():
         expected, expected_state = model(x)
@@ -29,6 +31,20 @@ def test_compiled_step_equals_parallel_forward_across_blocks(in_place, deferred,
     assert torch.allclose(torch.stack(outputs, dim=1), expected, atol=1e-5)
     for got, want in zip(state.tensors(), expected_state.tensors()):
         assert torch.equal(got, want) if got.dtype == torch.int64 else torch.allclose(got, want, atol=1e-5)
+
+
+def test_two_models_with_different_pools_compile_their_own_steps():
+    """The graphs skip guards on the modules: another model's pool type must not reuse them."""
+    x = random_input(2, 9, 5)
+    for pool in ("attention", "select"):   # in one process, the second after the first
+        model = tiny_model(windows=(3, 2, 2), num_layers=2, summary_pool=pool)
+        with torch.no_grad():
+            expected, _ = model(x)
+            step, state, outputs = model.compile_step(), None, []
+            for t in range(x.shape[1]):
+                output, state = step(x[:, t], state)
+                outputs.append(output)
+        assert torch.allclose(torch.stack(outputs, dim=1), expected, atol=1e-5), pool
 
 
 def test_compiled_step_refuses_what_it_cannot_do():
