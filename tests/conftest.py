@@ -35,3 +35,13 @@ def run_in_chunks(model, x, sizes, state=None):
         outputs.append(output)
         start, index = start + size, index + 1
     return torch.cat(outputs, dim=1), state
+
+
+def stream_compiled(model, x, **options):
+    """x (B, T, F) fed one step at a time through ``model.compile_step(**options)``: outputs (B, T, O), state."""
+    step, state, outputs = model.compile_step(**options), None, []
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            output, state = step(x[:, t], state)
+            outputs.append(output)
+    return torch.stack(outputs, dim=1), state

@@ -7,7 +7,7 @@ import torch
 
 import hnae.model
 
-from conftest import random_input, tiny_model
+from conftest import random_input, stream_compiled, tiny_model
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="torch.compile on the CPU needs a C++ compiler")
@@ -23,12 +23,8 @@ def test_compiled_step_equals_parallel_forward_across_blocks(in_place, deferred,
     x = random_input(2, 17, 5)   # 17 steps: level-1 and level-2 blocks complete along the way
     with torch.no_grad():
         expected, expected_state = model(x)
-        step = model.compile_step(in_place=in_place)
-        state, outputs = None, []
-        for t in range(x.shape[1]):
-            output, state = step(x[:, t], state)
-            outputs.append(output)
-    assert torch.allclose(torch.stack(outputs, dim=1), expected, atol=1e-5)
+    streamed, state = stream_compiled(model, x, in_place=in_place)
+    assert torch.allclose(streamed, expected, atol=1e-5)
     for got, want in zip(state.tensors(), expected_state.tensors()):
         assert torch.equal(got, want) if got.dtype == torch.int64 else torch.allclose(got, want, atol=1e-5)
 
@@ -40,11 +36,7 @@ def test_two_models_with_different_pools_compile_their_own_steps():
         model = tiny_model(windows=(3, 2, 2), num_layers=2, summary_pool=pool)
         with torch.no_grad():
             expected, _ = model(x)
-            step, state, outputs = model.compile_step(), None, []
-            for t in range(x.shape[1]):
-                output, state = step(x[:, t], state)
-                outputs.append(output)
-        assert torch.allclose(torch.stack(outputs, dim=1), expected, atol=1e-5), pool
+        assert torch.allclose(stream_compiled(model, x)[0], expected, atol=1e-5), pool
 
 
 def test_compiled_step_refuses_what_it_cannot_do():

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import random_input, tiny_model
+from conftest import random_input, stream_compiled, tiny_model
 from hnae_bench import perf_measure, perf_models
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -128,8 +128,4 @@ def test_cuda_compiled_step_equals_parallel_forward():
     x = random_input(2, 11, 5).cuda()   # (B, T, C): level-0 and level-1 blocks complete along the way
     with torch.no_grad():
         expected, _ = model(x)
-        step, state, outputs = model.compile_step(), None, []
-        for t in range(x.shape[1]):
-            output, state = step(x[:, t], state)
-            outputs.append(output)
-    torch.testing.assert_close(torch.stack(outputs, dim=1), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(stream_compiled(model, x)[0], expected, atol=1e-5, rtol=1e-4)
