@@ -190,7 +190,8 @@ class HierarchicalAttention(nn.Module):
             streams, level_state = policy_levels(self, item_keys.squeeze(3), item_values.squeeze(3), state,
                                                  block_start, block_index, end, self.trace)
             new_state.update(level_state)
-            if self.banded if self.banded is not None else band_pays(block_rows, streams, self.windows, width):
+            use_band = band_pays(block_rows, streams, self.windows, width) if self.banded is None else self.banded
+            if use_band:
                 banded = streams  # scored against whole streams below, no window copies
             else:
                 level_keys, level_values, level_masks = gathered_levels(self, streams)

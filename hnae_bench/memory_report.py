@@ -14,29 +14,44 @@ def _runs(section: dict, policy: str) -> list[dict]:
     return [run for run in section["runs"] if run["policy"] == policy and "skipped" not in run]
 
 
-def plot_task(task_name: str, section: dict, path: Path) -> Path:
-    """Accuracy (left) and written fraction (right) against length, one line per policy."""
+def _plot_accuracy_and_written(runs: list[dict], x_key: str, label: str, titles: tuple[str, str],
+                               path: Path, ticks: list | None = None) -> Path:
+    """Accuracy (left) and written fraction (right) against ``run[x_key]``, one line per policy.
+
+    ``ticks``: a log-scaled x axis with these ticks, and the 1/x line (one item per scene) on the right."""
     figure = Figure(figsize=(10, 4))
     FigureCanvasAgg(figure)
     accuracy_axes, written_axes = figure.subplots(1, 2)
-    for policy in dict.fromkeys(run["policy"] for run in section["runs"]):
-        runs = _runs(section, policy)
-        lengths = [run["seq_len"] for run in runs]
-        accuracy_axes.plot(lengths, [run["accuracy"] for run in runs], "o-", label=policy,
-                           color=COLOURS.get(policy))
-        written_axes.plot(lengths, [run["written_fraction"][0] for run in runs], "o-", label=policy,
+    for policy in dict.fromkeys(run["policy"] for run in runs):
+        mine = [run for run in runs if run["policy"] == policy]
+        xs = [run[x_key] for run in mine]
+        accuracy_axes.plot(xs, [run["accuracy"] for run in mine], "o-", label=policy, color=COLOURS.get(policy))
+        written_axes.plot(xs, [run["written_fraction"][0] for run in mine], "o-", label=policy,
                           color=COLOURS.get(policy))
-    label = "distance (frames)" if task_name == "redundant_stream" else "stream length"
-    accuracy_axes.set(xlabel=label, ylabel="query accuracy", title=f"{task_name}: accuracy", ylim=(0, 1.05))
+    if ticks:
+        written_axes.plot(ticks, [1 / tick for tick in ticks], ":", color="black", label="1/r (one item per scene)")
+    accuracy_axes.set(xlabel=label, ylabel="query accuracy", title=titles[0], ylim=(0, 1.05))
     accuracy_axes.axhline(0.99, color="black", linewidth=0.5, linestyle="--")
-    written_axes.set(xlabel=label, ylabel="fraction of candidates written (level 1)",
-                     title=f"{task_name}: items written", ylim=(0, 1.05))
+    written_axes.set(xlabel=label, ylabel="fraction of candidates written (level 1)", title=titles[1],
+                     ylim=(0, 1.05))
     for axes in (accuracy_axes, written_axes):
+        if ticks:
+            axes.set_xscale("log")
+            axes.set_xticks(ticks, [str(tick) for tick in ticks])
+            axes.minorticks_off()
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return path
+
+
+def plot_task(task_name: str, section: dict, path: Path) -> Path:
+    """Accuracy (left) and written fraction (right) against length, one line per policy."""
+    runs = [run for run in section["runs"] if "skipped" not in run]
+    label = "distance (frames)" if task_name == "redundant_stream" else "stream length"
+    return _plot_accuracy_and_written(runs, "seq_len", label,
+                                      (f"{task_name}: accuracy", f"{task_name}: items written"), path)
 
 
 def verdicts(results: dict) -> list[str]:
@@ -83,32 +98,9 @@ def verdicts(results: dict) -> list[str]:
 
 def plot_hold_sweep(section: dict, path: Path) -> Path:
     """Accuracy (left) and written fraction (right) against r at one distance, with the 1/r line."""
-    figure = Figure(figsize=(10, 4))
-    FigureCanvasAgg(figure)
-    accuracy_axes, written_axes = figure.subplots(1, 2)
-    for policy in section["policies"]:
-        runs = [run for run in section["runs"] if run["policy"] == policy]
-        holds = [run["hold"] for run in runs]
-        accuracy_axes.plot(holds, [run["accuracy"] for run in runs], "o-", label=policy, color=COLOURS.get(policy))
-        written_axes.plot(holds, [run["written_fraction"][0] for run in runs], "o-", label=policy,
-                          color=COLOURS.get(policy))
-    holds = section["holds"]
-    written_axes.plot(holds, [1 / hold for hold in holds], ":", color="black", label="1/r (one item per scene)")
-    accuracy_axes.axhline(0.99, color="black", linewidth=0.5, linestyle="--")
-    label = "frames per scene (r)"
-    accuracy_axes.set(xlabel=label, ylabel="query accuracy", ylim=(0, 1.05),
-                      title=f"redundant_stream, distance {section['distance']}: accuracy")
-    written_axes.set(xlabel=label, ylabel="fraction of candidates written (level 1)", ylim=(0, 1.05),
-                     title="items written")
-    for axes in (accuracy_axes, written_axes):
-        axes.set_xscale("log")
-        axes.set_xticks(holds, [str(hold) for hold in holds])
-        axes.minorticks_off()
-        axes.grid(alpha=0.3)
-        axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    return path
+    return _plot_accuracy_and_written(section["runs"], "hold", "frames per scene (r)",
+                                      (f"redundant_stream, distance {section['distance']}: accuracy",
+                                       "items written"), path, ticks=section["holds"])
 
 
 def hold_sweep_lines(section: dict, out_dir: Path, window: int) -> list[str]:

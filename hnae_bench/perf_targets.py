@@ -66,10 +66,9 @@ def needed_utilisation(results: dict, peer: str, steps: int, threshold: float) -
     hnae = training.get("hnae", {}).get(str(steps), {}).get("summary", {})
     other = training.get(peer, {}).get(str(steps), {}).get("summary", {})
     peak = results.get("matmul_peak", {}).get("flops_per_second")
-    if not (hnae.get("model_flops_per_second") and other.get("train_tokens_per_second") and peak):
+    if not (hnae.get("flops_per_token") and other.get("train_tokens_per_second") and peak):
         return None
-    flops_per_token = hnae["model_flops_per_second"] / hnae["train_tokens_per_second"]
-    return threshold * other["train_tokens_per_second"] * flops_per_token / peak
+    return threshold * other["train_tokens_per_second"] * hnae["flops_per_token"] / peak
 
 
 def evaluate_targets(results: dict) -> list[dict]:

@@ -16,13 +16,11 @@ model FLOPs.
 """
 import argparse
 import collections
-import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hnae_bench.perf_measure import count_flops
+from hnae_bench.perf_measure import count_flops, measure_matmul_peak
 from hnae_bench.perf_models import build_perf_model
 
 GROUPS = (   # first match wins: (group, substrings of the aten operator's name)
@@ -42,18 +40,6 @@ def group_of(name: str) -> str:
         if any(part in name for part in parts):
             return group
     return "other"
-
-
-def matmul_peak(size: int = 2048, calls: int = 10) -> float:
-    """FLOP/s of the median (size x size) @ (size x size) call."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    seconds = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        a @ b
-        seconds.append(time.perf_counter() - started)
-    return 2 * size ** 3 / statistics.median(seconds)
 
 
 def flops_by_group(by_op: dict) -> collections.Counter:
@@ -96,7 +82,8 @@ def main() -> None:
     calls = args.calls
     counted = count_flops(model, x, "cpu", "fp32")
     flops = flops_by_group(counted["by_op"])
-    peak = matmul_peak()
+    peak = measure_matmul_peak({"device": "cpu", "size": 2048, "dtype": "fp32", "min_seconds": 0.0,
+                                "max_calls": 10}, lambda phase: None)["median_flops_per_second"]
     print(f"{args.model} ({args.preset}, {parameters:,} parameters), B = {args.batch_size}, T = {args.length:,}, "
           f"torch threads "
           f"{torch.get_num_threads()}: {total / 1e3 / calls:,.0f} ms of operator self time a call, "

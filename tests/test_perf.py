@@ -226,7 +226,8 @@ def test_targets_say_pass_miss_and_bounds():
 
 def test_a_near_miss_shows_its_digits_and_the_tcn_miss_its_needed_utilisation():
     results = _synthetic(36_000, 35_000, {"status": "timeout"}, bytes_at_64k=110.4)
-    results["training"]["hnae"]["4096"]["summary"].update(mfu=0.34, model_flops_per_second=6.4e10)
+    results["training"]["hnae"]["4096"]["summary"].update(mfu=0.34, model_flops_per_second=6.4e10,
+                                                          flops_per_token=6.4e10 / 36_000)
     results["training"]["tcn"] = {"4096": {"status": "ok", "summary": {"train_tokens_per_second": 31_000}}}
     targets = perf_targets.evaluate_targets(results)
     memory = targets[5]
@@ -237,7 +238,7 @@ def test_a_near_miss_shows_its_digits_and_the_tcn_miss_its_needed_utilisation():
     needed = perf_targets.needed_utilisation(results, "tcn", 4096, 3.0)
     assert needed == pytest.approx(3 * 31_000 * 6.4e10 / 36_000 / 1e11)
     assert "it needs 165% of the matmul peak (measured 34%)" in tcn["detail"]
-    del results["training"]["hnae"]["4096"]["summary"]["model_flops_per_second"]
+    del results["training"]["hnae"]["4096"]["summary"]["flops_per_token"]
     assert perf_targets.needed_utilisation(results, "tcn", 4096, 3.0) is None
 
 
