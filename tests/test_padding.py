@@ -12,8 +12,9 @@ LENGTHS = [23, 9, 40, 1]
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("form", ["lengths", "packed"])
 @pytest.mark.parametrize("windows,num_layers", [((4, 4), 2), ((7, 5, 3), 1)])
-def test_each_sequence_as_if_alone(bidirectional, form, windows, num_layers):
-    model = tiny_model(windows, num_layers, bidirectional=bidirectional)
+@pytest.mark.parametrize("pool", ["attention", "select"])
+def test_each_sequence_as_if_alone(bidirectional, form, windows, num_layers, pool):
+    model = tiny_model(windows, num_layers, bidirectional=bidirectional, summary_pool=pool)
     x = random_input(len(LENGTHS), max(LENGTHS), 5)
     lengths = torch.tensor(LENGTHS)
     garbage = x.clone()
