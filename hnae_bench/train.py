@@ -46,7 +46,7 @@ __all__ = ["TrainConfig", "TrainResult", "train", "eval_seed"]
 GRADIENT_CLIP_NORM = 1.0
 # Fields a resumed run must share with the run that wrote the checkpoint.
 RESUME_MUST_MATCH = ("task", "seq_len", "model", "preset", "batch_size", "lr", "seed", "curriculum", "ladder",
-                     "task_options", "length_jitter")
+                     "task_options", "length_jitter", "lr_plateau")
 
 
 GENERALISE_SEQUENCES = 16  # sequences per --generalise length
@@ -94,6 +94,8 @@ class Trainer:
         options = {"hnae_options": config.hnae_options()} if config.hnae_options() else {}
         self.model = build_model(config.model, self.task, config.preset, max_len=longest, **options).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
+        self.lr_schedule = None if config.lr_plateau == 0 else torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, factor=0.5, patience=config.lr_plateau, min_lr=config.lr / 1024)
         self.data_generator = torch.Generator().manual_seed(config.seed)
         self.step, self.seconds, self.train_seconds, self.tokens = 0, 0.0, 0.0, 0
         self.loss_sum, self.loss_count = 0.0, 0  # training loss since the last evaluation
@@ -134,7 +136,8 @@ class Trainer:
                 "tokens": self.tokens, "loss_sum": self.loss_sum, "loss_count": self.loss_count,
                 "last_metrics": self.last_metrics, "last_eval_step": self.last_eval_step,
                 "last_eval_seq_len": self.last_eval_seq_len,
-                "curriculum": self.curriculum.state_dict()}
+                "curriculum": self.curriculum.state_dict(),
+                "lr_schedule": None if self.lr_schedule is None else self.lr_schedule.state_dict()}
 
     def save(self) -> None:
         if self.out is None or not self.context.is_main:
@@ -150,7 +153,7 @@ class Trainer:
         checkpoint = load_checkpoint(path)
         saved = checkpoint.config.get("train", {})
         for name in RESUME_MUST_MATCH:
-            if saved.get(name, 0 if name == "length_jitter" else None) != self.config.to_json()[name]:
+            if saved.get(name, 0 if name in ("length_jitter", "lr_plateau") else None) != self.config.to_json()[name]:
                 raise CheckpointError(f"cannot resume {path}: it was trained with {name}={saved.get(name)!r}, "
                                  f"this run asks for {name}={self.config.to_json()[name]!r}")
         try:
@@ -169,6 +172,8 @@ class Trainer:
             self.last_metrics, self.last_eval_step = state["last_metrics"], state["last_eval_step"]
             self.last_eval_seq_len = state["last_eval_seq_len"]
             self.curriculum.load_state_dict(state["curriculum"])
+            if self.lr_schedule is not None:
+                self.lr_schedule.load_state_dict(state["lr_schedule"])
         except (KeyError, ValueError, TypeError, RuntimeError) as error:
             raise CheckpointError(f"{path}: optimizer, RNG or {STATE_FILE} state is malformed "
                                   f"({type(error).__name__}: {error})") from None
@@ -221,8 +226,11 @@ class Trainer:
         self.last_metrics, self.last_eval_step, self.last_eval_seq_len = metrics, self.step, seq_len
         if scheduled:
             self.loss_sum, self.loss_count = 0.0, 0
+        if scheduled and self.lr_schedule is not None and seq_len == self.config.seq_len:
+            self.lr_schedule.step(metrics["loss"])  # the last rung only: each rung's loss has its own scale
         record = {"step": self.step, "seconds": self.seconds, "seq_len": seq_len, "train_loss": train_loss,
-                  "eval": metrics, "solved": solved, "tokens_per_second": self.tokens_per_second}
+                  "eval": metrics, "solved": solved, "tokens_per_second": self.tokens_per_second,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
         if self.out is not None and self.context.is_main:
             append_metrics(self.out, record)
         if self.curriculum.record_evaluation(solved, self.step, self.seconds, metrics, advance=scheduled):

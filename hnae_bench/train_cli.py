@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--length-jitter", type=int, default=DEFAULTS.length_jitter, metavar="N",
                      help="train each batch at a length drawn from [T-N, T] (evaluate at T): the end of the "
                      "sequence then falls at every place of hnae's blocks, which longer T need")
+    how.add_argument("--lr-plateau", type=int, default=DEFAULTS.lr_plateau, metavar="N",
+                     help="on the last rung, halve the learning rate after N evaluations without a new best "
+                     "held-out loss (0: constant rate)")
     how.add_argument("--stop-when-solved", action="store_true", help="stop once --seq-len is solved")
     files = parser.add_argument_group("evaluation, output and checkpoints")
     files.add_argument("--out", default=None, metavar="DIR", help="where metrics.jsonl and checkpoints go")
@@ -87,7 +90,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eval_every=args.eval_every, eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress, task_options=dict(args.task_option), stop_when_solved=args.stop_when_solved,
         write_policy=args.write_policy, threshold=args.threshold, budget=args.budget, generalise=args.generalise,
-        length_jitter=args.length_jitter)
+        length_jitter=args.length_jitter, lr_plateau=args.lr_plateau)
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,74 @@
+"""`lr_plateau`: the learning rate halves when the last rung's held-out loss stops improving."""
+import json
+
+import pytest
+import torch
+
+from hnae_bench.checkpoint import latest_checkpoint, load_checkpoint
+from hnae_bench.train import TrainConfig, Trainer, train
+
+
+def tiny(**overrides) -> TrainConfig:
+    values = dict(task="copy", seq_len=5, model="lstm", steps=12, batch_size=8, eval_every=1, eval_batches=1,
+                  checkpoint_every=3, progress=False, lr=0.01)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture
+def flat_loss(monkeypatch):
+    """Every evaluation reports the same loss, never solved: a plateau from the second evaluation on."""
+    monkeypatch.setattr(Trainer, "evaluate", lambda self: {"loss": 1.0, "accuracy": 0.0})
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def logged_rates(out):
+    return [record["lr"] for record in read_metrics(out)]
+
+
+def test_the_rate_halves_after_patience_evaluations_without_a_new_best(tmp_path, flat_loss):
+    train(tiny(steps=6, lr_plateau=1, out=str(tmp_path)))
+    # evaluation 1 sets the best; 2 is one bad evaluation (= patience); 3 is past it: halve and count again
+    assert logged_rates(tmp_path) == [0.01, 0.01, 0.005, 0.005, 0.0025, 0.0025]
+
+
+def test_rungs_below_the_last_keep_the_rate(tmp_path, flat_loss):
+    train(tiny(steps=6, lr_plateau=1, curriculum=True, ladder=(2,), out=str(tmp_path)))
+    assert {record["seq_len"] for record in read_metrics(tmp_path)} == {2}  # never solved: stays on T = 2
+    assert logged_rates(tmp_path) == [0.01] * 6
+
+
+def test_zero_keeps_a_constant_rate(tmp_path, flat_loss):
+    train(tiny(steps=4, out=str(tmp_path)))
+    assert logged_rates(tmp_path) == [0.01] * 4
+
+
+def test_a_resumed_run_continues_the_schedule_exactly(tmp_path):
+    settings = dict(lr_plateau=1, lr=0.05)
+    whole = train(tiny(out=str(tmp_path / "whole"), **settings))
+    train(tiny(steps=7, out=str(tmp_path / "split"), **settings))  # stops between checkpoints
+    resumed = train(tiny(out=str(tmp_path / "split"), resume=True, **settings))
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    rates = {r["step"]: r["lr"] for r in read_metrics(tmp_path / "whole")}
+    assert len(set(rates.values())) > 1, "the run should have halved its rate at least once"
+    assert {r["step"]: r["lr"] for r in read_metrics(tmp_path / "split")} == rates
+    saved = load_checkpoint(latest_checkpoint(tmp_path / "split")).state["lr_schedule"]
+    assert saved["num_bad_epochs"] == load_checkpoint(latest_checkpoint(tmp_path / "whole")).state[
+        "lr_schedule"]["num_bad_epochs"]
+
+
+def test_resume_refuses_another_patience(tmp_path):
+    from hnae_bench.checkpoint import CheckpointError
+    train(tiny(steps=3, out=str(tmp_path)))
+    with pytest.raises(CheckpointError, match="lr_plateau"):
+        train(tiny(steps=6, lr_plateau=2, out=str(tmp_path), resume=True))
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_bad_patience_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="lr_plateau"):
+        tiny(lr_plateau=bad)
