@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "train": ("hnae_bench.train_cli", "train one model on one long-memory task (checkpoints, resume, curriculum)"),
     "bench": ("hnae_bench.bench", "race the models on long-memory tasks (report + plots); `bench perf`: speed and memory"),
+    "evaluate": ("hnae_bench.evaluate_cli", "score a hnae train checkpoint at other lengths of its task"),
     "export": ("hnae_bench.export", "export a trained model's streaming step as an ONNX graph"),
     "inspect": ("hnae_bench.inspect_cli", "describe a model or checkpoint; --plot: its memory trace"),
 }

@@ -1,0 +1,48 @@
+"""`hnae evaluate`: a trained checkpoint scored at other lengths, agreeing with `hnae train --generalise`."""
+import json
+
+import pytest
+
+import hnae
+from hnae_bench.evaluate_cli import main
+from hnae_bench.train import TrainConfig, train
+
+
+def trained_run(tmp_path, model, **overrides):
+    config = TrainConfig(task="copy", seq_len=5, model=model, steps=3, batch_size=8, eval_every=3, eval_batches=1,
+                         checkpoint_every=3, progress=False, out=str(tmp_path / model), generalise=(7, 12),
+                         **overrides)
+    return train(config)
+
+
+@pytest.mark.parametrize("model, overrides", [("hnae", {}), ("lstm", {}),
+                                              ("hnae", {"write_policy": "novelty", "threshold": 0.9})])
+def test_it_reproduces_the_generalisation_records_of_the_training_run(tmp_path, capsys, model, overrides):
+    result = trained_run(tmp_path, model, **overrides)
+    out = tmp_path / "records.json"
+    assert main(["--checkpoint", str(tmp_path / model), "--seq-lens", "7,12", "--json", str(out),
+                 "--no-progress"]) == 0
+    records = json.loads(out.read_text())["records"]
+    assert [r["seq_len"] for r in records] == [7, 12]
+    for found, expected in zip(records, result.generalisation):
+        assert found["sequences"] == expected["sequences"] == 16
+        assert found["metrics"] == expected["metrics"]  # the same weights, sequences and order of sums
+    printed = capsys.readouterr().out
+    assert f"{model} trained on copy at T=5" in printed and "T=     12: accuracy" in printed
+
+
+def test_a_checkpoint_directory_works_as_well_as_the_run_directory(tmp_path, capsys):
+    trained_run(tmp_path, "lstm")
+    assert main(["--checkpoint", str(tmp_path / "lstm" / "ckpt-000003"), "--seq-lens", "7", "--no-progress"]) == 0
+    assert "T=      7" in capsys.readouterr().out
+
+
+def test_refusals_name_the_problem(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "missing"), "--seq-lens", "7"]) == 1
+    assert "not a directory" in capsys.readouterr().err
+    hnae.HNAE(3, 8, windows=(4, 2)).save_pretrained(tmp_path / "encoder")
+    assert main(["--checkpoint", str(tmp_path / "encoder"), "--seq-lens", "7"]) == 1
+    assert "not a hnae train checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(tmp_path), "--seq-lens", "12,7"])
+    assert "increasing" in capsys.readouterr().err
