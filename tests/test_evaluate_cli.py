@@ -46,3 +46,15 @@ def test_refusals_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tmp_path), "--seq-lens", "12,7"])
     assert "increasing" in capsys.readouterr().err
+
+
+def test_the_committed_h200_copy_model_still_solves_t_10000(capsys, tmp_path):
+    """The README's check of the GPU result: the saved weights copy at T = 10,000 on the CPU.
+    It fails if the model's computation changes under the weights it was trained with."""
+    from pathlib import Path
+    checkpoint = Path(__file__).resolve().parents[1] / "docs/gpu/h200-long-2026-11-27/copy10000-model"
+    out = tmp_path / "records.json"
+    assert main(["--checkpoint", str(checkpoint), "--seq-lens", "10000", "--sequences", "4", "--no-progress",
+                 "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["records"]
+    assert record["solved"] and record["metrics"]["accuracy"] >= 0.99
