@@ -57,13 +57,15 @@ class HierarchicalAttention(nn.Module):
 
     def __init__(self, d_model: int, num_heads: int, windows: tuple[int, ...], summary_slots: int = 1,
                  bias: bool = True, write_policy: tuple = (), thresholds: tuple = (), budgets: tuple = (),
-                 place_rank: int | None = None, summary_pool: str = "attention", device=None,
-                 dtype=None) -> None:
+                 place_rank: int | None = None, summary_pool: str = "attention", relative_values: bool = False,
+                 device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.d_model, self.num_heads = d_model, num_heads
         self.head_width = d_model // num_heads
-        self.windows, self.slots = tuple(windows), summary_slots
+        # relative_values: local values turned by their step's phase, outputs back by the query's, so a local
+        # read's rotary dims depend on the distance alone; summaries and ages are zero there (HNAEConfig.positions)
+        self.windows, self.slots, self.relative_values = tuple(windows), summary_slots, relative_values
         self.spans = level_spans(self.windows)
         self.query_rows = self.windows[0]  # positions per query block in forward_chunk (divides w0)
         # under a write policy: score whole compacted streams (True), copy each block's windows
@@ -104,14 +106,23 @@ class HierarchicalAttention(nn.Module):
         """Pool complete blocks of level-(l-1) items into level-l summaries and their keys/values.
 
         keys, values: (B, H, M, n, E) with n = w_{l-1} items (x K slots above level 0).
-        Returns the summaries' keys and values, (B, H, M, K, E) each; keys are zero on rotary dims.
+        Returns the summaries' keys and values, (B, H, M, K, E) each; keys (and, under
+        relative_values, values) are zero on rotary dims.
         """
         summaries = self.pools[level - 1](keys, values)  # (B, M, K, D)
         d_model = self.d_model
         weight = self.query_key_value.weight[d_model:]  # (2D, D)
         bias = None if self.query_key_value.bias is None else self.query_key_value.bias[d_model:]
-        new_keys, new_values = F.linear(summaries, weight, bias).chunk(2, dim=-1)  # (B, M, K, D) each
-        return self._split_heads(new_keys) * self.content_mask, self._split_heads(new_values)
+        new_keys, new_values = (self._split_heads(part) for part in F.linear(summaries, weight, bias).chunk(2, -1))
+        return new_keys * self.content_mask, new_values * self.content_mask if self.relative_values else new_values
+
+    def age_value_table(self, level: int) -> torch.Tensor:
+        """The age embeddings of level ``level``'s values, (H, w_l, E): zero on rotary dims under relative_values."""
+        return self.age_values[level - 1] * self.content_mask if self.relative_values else self.age_values[level - 1]
+
+    def turn_back(self, attended: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Under relative_values, the attention output (..., E) turned back by its query's phase."""
+        return self.rotary.rotate(attended, cos, -sin) if self.relative_values else attended
 
     def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,
                       end) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -138,6 +149,10 @@ class HierarchicalAttention(nn.Module):
         # The state's ring holds input p at slot p mod w0: oldest first is a roll by the offset.
         key_stream = local_stream(torch.roll(state["local_keys"], -offset, dims=2), keys)
         value_stream = local_stream(torch.roll(state["local_values"], -offset, dims=2), values)
+        read_values = value_stream  # what the local window reads (pools and the state keep value_stream)
+        if self.relative_values:  # each value turned by its step's phase: positions block_start - w0 ..
+            stream_positions = torch.arange(block_start - w0, block_start - w0 + value_stream.shape[2], device=device)
+            read_values = self.rotary.rotate(value_stream, *self.rotary.phases(stream_positions, values.dtype))
 
         # Queries go in blocks of R = query_rows positions (R divides w0); each sees the w0 + R
         # inputs before its block's end: fewer masked scores than whole level-0 blocks would
@@ -157,14 +172,14 @@ class HierarchicalAttention(nn.Module):
             first_key = max(row_offset + 1, w0 - rows_start)  # older keys are out of the window or before 0
             last_key = w0 + row_offset + length  # (exclusive)
             key_parts = [key_stream[:, :, first + first_key:first + last_key].unsqueeze(2)]  # (B, H, 1, S_0, E)
-            value_parts = [value_stream[:, :, first + first_key:first + last_key].unsqueeze(2)]
+            value_parts = [read_values[:, :, first + first_key:first + last_key].unsqueeze(2)]
             query_place = query_place[:, row_offset:row_offset + length]
             key_place = torch.arange(first_key, last_key, device=device).view(1, 1, -1)
             query_blocks = queries.unsqueeze(2)  # (B, H, 1, C, E)
         else:  # keys of query block q: key_stream[first + q*R : first + q*R + w0 + R], as w0/R + 1 pieces
             pieces = key_stream[:, :, first:first + (num_queries * rows + w0)]
             pieces = pieces.view(batch, heads, num_queries + w0 // rows, rows, width)
-            value_pieces = value_stream[:, :, first:first + (num_queries * rows + w0)].view(pieces.shape)
+            value_pieces = read_values[:, :, first:first + (num_queries * rows + w0)].view(pieces.shape)
             key_parts = [pieces[:, :, k:k + num_queries] for k in range(w0 // rows + 1)]  # (B, H, Q, R, E)
             value_parts = [value_pieces[:, :, k:k + num_queries] for k in range(w0 // rows + 1)]
             key_place = torch.arange(w0 + rows, device=device).view(1, 1, -1)
@@ -224,7 +239,7 @@ class HierarchicalAttention(nn.Module):
             level_keys = key_items.index_select(2, (window + level_width).flatten()).view(window_shape)
             level_values = value_items.index_select(2, (window + level_width).flatten()).view(window_shape)
             age_keys = (self.age_keys[level - 1][:, level_width - kept:] * self.content_mask)
-            age_values = self.age_values[level - 1][:, level_width - kept:]  # (H, kept, E)
+            age_values = self.age_value_table(level)[:, level_width - kept:]  # (H, kept, E)
             key_parts.append((level_keys + age_keys.unsqueeze(1).unsqueeze(3)).reshape(flat_shape))
             value_parts.append((level_values + age_values.unsqueeze(1).unsqueeze(3)).reshape(flat_shape))
             exists = (visible.unsqueeze(1) - level_width + places) >= 0  # (Q, kept)
@@ -258,7 +273,7 @@ class HierarchicalAttention(nn.Module):
             attended = self._attend_per_stream(query_blocks, key_parts, value_parts, torch.cat(mask_parts, dim=-1))
         if num_queries > 1:
             attended = attended.reshape(batch, heads, num_queries * rows, width)[:, :, row_offset:row_offset + length]
-        attended = attended.reshape(batch, heads, length, width)
+        attended = self.turn_back(attended.reshape(batch, heads, length, width), *phases)  # (B, H, C, E)
         output = self.output(attended.transpose(1, 2).reshape(batch, length, d_model))  # (B, C, D)
         return output, new_state
 
@@ -318,7 +333,7 @@ class HierarchicalAttention(nn.Module):
         for level in range(1, len(self.windows)):
             level_width = self.windows[level]
             age_keys = each_slot(self.age_keys[level - 1] * self.content_mask, slots, dim=1)
-            age_values = each_slot(self.age_values[level - 1], slots, dim=1)  # (H, w_l*K, E)
+            age_values = each_slot(self.age_value_table(level), slots, dim=1)  # (H, w_l*K, E)
             memory_values = state[f"memory_values_{level}"]  # (B, H, w_l*K, E)
             scores.append(torch.matmul(queries, state[f"memory_keys_{level}"].transpose(-1, -2))
                           + times_shared(queries, age_keys.transpose(-1, -2)))  # (B, H, 1, w_l*K)
@@ -332,9 +347,15 @@ class HierarchicalAttention(nn.Module):
         if self.trace is not None:  # where this step's attention went: (B, H, w0) and (B, H, w_l*K) per level
             local = local_oldest_first(weights[0], weights[1], position)  # (B, H, w0)
             self.trace.append({"attention": [local.detach()] + [part.squeeze(2).detach() for part in weights[2:]]})
-        attended = torch.matmul(weights[0], old_values) + weights[1] * values  # (B, H, 1, E)
+        read_old, read_own = old_values, values  # (B, H, w0, E), (B, H, 1, E)
+        if self.relative_values:  # each slot's value turned by the phase of the step it holds
+            slot_phases = self.rotary.phases(slot_positions, values.dtype)  # (B, w0, E_r/2) each
+            read_old = self.rotary.rotate(old_values, *(p.unsqueeze(1) for p in slot_phases))
+            read_own = self.rotary.rotate(values, *phases)
+        attended = torch.matmul(weights[0], read_old) + weights[1] * read_own  # (B, H, 1, E)
         for part, (memory_values, age_values) in zip(weights[2:], memories):
             attended = attended + torch.matmul(part, memory_values) + times_shared(part, age_values)
+        attended = self.turn_back(attended, *phases)
         output = self.output(attended.transpose(1, 2).reshape(batch, d_model))  # (B, D)
 
         if ring == "defer":

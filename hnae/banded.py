@@ -64,5 +64,5 @@ def banded_attention(attn, queries: torch.Tensor, local_keys: torch.Tensor, loca
         attended = attended + torch.matmul(part, stream_values.flatten(2, 3).unsqueeze(2))
         per_item = part.view(*part.shape[:4], items, slots).sum(-1)  # (B, H, N, R, S); 0 outside the band
         per_place = per_item.new_zeros(*per_item.shape[:4], attn.windows[level]).scatter_add(4, place, per_item)
-        attended = attended + torch.einsum("bhnrw,hwe->bhnre", per_place, attn.age_values[level - 1])
+        attended = attended + torch.einsum("bhnrw,hwe->bhnre", per_place, attn.age_value_table(level))
     return attended

@@ -2,7 +2,8 @@
 
 Pre-norm residual, as in most modern transformers:
 
-    h = project_in(x) + place[t mod w_0]    # (B, C, D)  (identity when widths agree)
+    h = project_in(x) + place[t mod w_0]    # (B, C, D)  (identity when widths agree; positions="relative":
+                                            #  no place term, see HNAEConfig.positions)
     h = h + attention(norm_attention(h))    # hierarchical, causal
     h = h + feed_forward(norm_feed_forward(h))
     y = project_out(norm_output(h))         # (B, C, D) or (B, C, proj_size)
@@ -27,19 +28,23 @@ class HNAEBlock(nn.Module):
     def __init__(self, in_features: int, hidden_size: int, num_heads: int, windows: tuple[int, ...],
                  summary_slots: int, ffn_width: int, proj_size: int = 0, bias: bool = True,
                  write_policy: tuple = (), thresholds: tuple = (), budgets: tuple = (),
-                 place_rank: int | None = None, summary_pool: str = "attention", device=None,
-                 dtype=None) -> None:
+                 place_rank: int | None = None, summary_pool: str = "attention", positions: str = "block",
+                 device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.project_in = (nn.Identity() if in_features == hidden_size
                            else nn.Linear(in_features, hidden_size, bias=bias, **factory))
-        # Where each step sits in its level-0 block: order inside windows (copying needs it).
-        add_place_table(self, "place_embedding", (windows[0], hidden_size), place_rank, factory)  # (w_0, D)
+        # positions="block": where each step sits in its level-0 block, order inside windows (copying
+        # needs it). "relative": no such table; the attention's reads carry distances instead.
+        self.block_places = positions == "block"
+        if self.block_places:
+            add_place_table(self, "place_embedding", (windows[0], hidden_size), place_rank, factory)  # (w_0, D)
         self.norm_attention = nn.LayerNorm(hidden_size, **factory)
         self.attention = HierarchicalAttention(hidden_size, num_heads, windows, summary_slots, bias=bias,
                                                write_policy=write_policy, thresholds=thresholds,
                                                budgets=budgets, place_rank=place_rank,
-                                               summary_pool=summary_pool, **factory)
+                                               summary_pool=summary_pool,
+                                               relative_values=positions == "relative", **factory)
         self.norm_feed_forward = nn.LayerNorm(hidden_size, **factory)
         self.feed_forward = nn.Sequential(
             nn.Linear(hidden_size, ffn_width, bias=bias, **factory),
@@ -53,8 +58,10 @@ class HNAEBlock(nn.Module):
     def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,
                       end) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, C, in_features) at positions start.. ; returns (B, C, out_features) and the state at end."""
-        places = torch.arange(start, start + x.shape[1], device=x.device) % self.attention.windows[0]
-        hidden = self.project_in(x) + place_rows(self, "place_embedding", places)  # (B, C, D)
+        hidden = self.project_in(x)  # (B, C, D)
+        if self.block_places:
+            places = torch.arange(start, start + x.shape[1], device=x.device) % self.attention.windows[0]
+            hidden = hidden + place_rows(self, "place_embedding", places)
         attended, new_state = self.attention.forward_chunk(self.norm_attention(hidden), state, start, end)
         hidden = hidden + attended
         hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))
@@ -66,8 +73,9 @@ class HNAEBlock(nn.Module):
         """One input per stream: x (B, in_features) at positions (B,) -> (B, out_features), state.
 
         ``ring``: how the local window's slot is written (see ``HierarchicalAttention.step``)."""
-        places = position % self.attention.windows[0]  # (B,)
-        hidden = self.project_in(x) + place_rows(self, "place_embedding", places)  # (B, D)
+        hidden = self.project_in(x)  # (B, D)
+        if self.block_places:
+            hidden = hidden + place_rows(self, "place_embedding", position % self.attention.windows[0])
         attended, new_state = self.attention.step(self.norm_attention(hidden), state, position, branch_free,
                                                   completes, ring)
         hidden = hidden + attended

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .write_policy import normalise_policy
 
 SUMMARY_POOLS = ("attention", "select")  # the names of hnae.pooling.POOLS (a test keeps them in step)
+POSITIONS = ("block", "relative")  # see HNAEConfig.positions
 
 
 def _require_int(name: str, value, minimum: int) -> None:
@@ -49,6 +50,13 @@ class HNAEConfig:
     place_rank: None (default) for full learned place tables (the block's place
         embedding and each pool's place keys and values), or ``r``: each table a
         product of two rank-``r`` factors (fewer parameters; see ``hnae.places``).
+    positions: how a step knows where things are. ``"block"`` (default): a learned embedding
+        of its place in its level-0 block is added to every layer's input. ``"relative"``: no
+        place embedding; the local window's values carry the rotary phase of their step and
+        each output is turned back by its own, so what a step reads from its window says how
+        far back that lies and nothing says where a block starts (a model trained at one
+        length then runs the same at others; the summaries keep content on the heads'
+        non-rotary dims only).
     """
 
     input_size: int
@@ -68,6 +76,7 @@ class HNAEConfig:
     budget: float | tuple[float, ...] | None = None
     place_rank: int | None = None
     summary_pool: str = "attention"
+    positions: str = "block"
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +89,8 @@ class HNAEConfig:
             _require_int("place_rank", self.place_rank, 1)
         if self.summary_pool not in SUMMARY_POOLS:
             raise ValueError(f"summary_pool must be one of {SUMMARY_POOLS}, got {self.summary_pool!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         for flag in ("bias", "batch_first", "bidirectional"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")

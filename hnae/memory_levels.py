@@ -136,7 +136,7 @@ def gathered_levels(attn, streams: list) -> tuple[list, list, list]:
         level_width = attn.windows[level]
         window = seen.unsqueeze(2) + torch.arange(level_width, device=seen.device)  # (B, N, w)
         age_keys = (attn.age_keys[level - 1] * attn.content_mask).unsqueeze(1).unsqueeze(3)  # (H, 1, w, 1, E)
-        age_values = attn.age_values[level - 1].unsqueeze(1).unsqueeze(3)
+        age_values = attn.age_value_table(level).unsqueeze(1).unsqueeze(3)
         flat_shape = (batch, heads, seen.shape[1], level_width * slots, width)
         key_parts.append((_take(stream_keys, window) + age_keys).reshape(flat_shape))
         value_parts.append((_take(stream_values, window) + age_values).reshape(flat_shape))

@@ -49,7 +49,10 @@ class HNAE(nn.Module):
         "all", "novelty" or "learned"; see ``hnae.write_policy``), place_rank
         (None: full place tables; r: each a rank-r product, fewer parameters),
         summary_pool ("attention": learned queries pool each block; "select":
-        each block keeps its summary_slots most salient items; see ``hnae.pooling``).
+        each block keeps its summary_slots most salient items; see ``hnae.pooling``),
+        positions ("block": a place-in-block embedding; "relative": reads that say how far
+        back they lie and nothing tied to where a block starts, so the model runs the same at
+        lengths it was not trained at; see ``HNAEConfig``).
 
     forward(input, state=None, lengths=None) -> (output, state). Output
     features: ``(proj_size or hidden_size) * num_directions``. Padded steps
@@ -61,18 +64,19 @@ class HNAE(nn.Module):
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  proj_size: int = 0, device=None, dtype=None, *, windows=(100, 100), num_heads=None,
                  summary_slots: int = 1, ffn_multiplier: float = 2.0, write_policy="all", threshold=None,
-                 budget=None, place_rank: int | None = None, summary_pool: str = "attention") -> None:
+                 budget=None, place_rank: int | None = None, summary_pool: str = "attention",
+                 positions: str = "block") -> None:
         super().__init__()
         self.config = HNAEConfig(
             input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, bias=bias,
             batch_first=batch_first, dropout=dropout, bidirectional=bidirectional, proj_size=proj_size,
             windows=windows, num_heads=num_heads, summary_slots=summary_slots, ffn_multiplier=ffn_multiplier,
             write_policy=write_policy, threshold=threshold, budget=budget, place_rank=place_rank,
-            summary_pool=summary_pool)
+            summary_pool=summary_pool, positions=positions)
         config = self.config
         for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
                      "bidirectional", "proj_size", "windows", "num_heads", "summary_slots", "write_policy",
-                     "threshold", "budget", "place_rank", "summary_pool"):
+                     "threshold", "budget", "place_rank", "summary_pool", "positions"):
             setattr(self, name, getattr(config, name))
         per_direction = proj_size or hidden_size
         self.layers = nn.ModuleList(
@@ -80,7 +84,7 @@ class HNAE(nn.Module):
                 HNAEBlock(input_size if index == 0 else per_direction * config.num_directions, hidden_size,
                           config.num_heads, config.windows, summary_slots, config.ffn_width, proj_size, bias,
                           config.write_policy, config.threshold, config.budget, config.place_rank,
-                          config.summary_pool, device=device, dtype=dtype)
+                          config.summary_pool, config.positions, device=device, dtype=dtype)
                 for _ in range(config.num_directions))
             for index in range(num_layers))
         self.between_layers = nn.Dropout(float(dropout))

@@ -84,6 +84,10 @@ class SelectPool(nn.Module):
     """
 
     DEVIATION_WEIGHT = 4.0
+    # Ranking prefers the earlier item when two saliences are closer than this: the items of a block
+    # of the same content differ by rounding only (1e-7), and rounding must not pick which places a
+    # summary keeps, or two such blocks give different summaries (and a novelty policy writes both).
+    TIE_BREAK = 1e-3
 
     def __init__(self, d_model: int, num_heads: int, items_per_block: int, slots: int,
                  content_mask: torch.Tensor, bias: bool = True, place_rank: int | None = None,
@@ -115,7 +119,9 @@ class SelectPool(nn.Module):
         if items != self.items_per_block:
             raise ValueError(f"values: expected {self.items_per_block} items per block, got {items}")
         salience = self.salience_scores(values)  # (B, M, n)
-        kept = salience.topk(self.slots, dim=-1).indices.sort(dim=-1).values  # (B, M, K): in block order
+        earlier = torch.arange(items, 0, -1, device=values.device, dtype=salience.dtype) * (self.TIE_BREAK / items)
+        ranking = salience.detach() + earlier  # (B, M, n): ties go to the earlier place
+        kept = ranking.topk(self.slots, dim=-1).indices.sort(dim=-1).values  # (B, M, K): in block order
         gate = torch.sigmoid(salience.gather(-1, kept)).unsqueeze(-1)  # (B, M, K, 1)
         placed = values + place_table(self, "place_values").unsqueeze(1)  # (B, H, M, n, E)
         index = kept[:, None, :, :, None].expand(batch, heads, blocks, self.slots, width)

@@ -39,7 +39,7 @@ class PeriodicRotary(nn.Module):
 
     def phases(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin of every rotary frequency at integer ``positions``: (..., E_r/2) each."""
-        phase = (positions.to(torch.int64).remainder(self.period).unsqueeze(1) * self.multipliers) % self.period
+        phase = (positions.to(torch.int64).remainder(self.period).unsqueeze(-1) * self.multipliers) % self.period
         angles = phase.to(torch.float32) * (2 * math.pi / self.period)  # (..., E_r/2)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

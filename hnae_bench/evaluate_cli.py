@@ -44,8 +44,11 @@ def load_trained(directory) -> tuple[torch.nn.Module, dict, Path]:
         task_options = train.get("task_options") or {}
         longest = make_task(train["task"], train["seq_len"], **task_options).total_length  # as hnae train sized it
         hnae_options = {key: train.get(key) for key in ("write_policy", "threshold", "budget")}
-        if hnae_options == {"write_policy": "all", "threshold": None, "budget": None} or hnae_options["write_policy"] is None:
-            hnae_options = None
+        if hnae_options["write_policy"] in (None, "all") and hnae_options == {**hnae_options, "threshold": None,
+                                                                                "budget": None}:
+            hnae_options = {}  # the defaults: build_model refuses any hnae_options for other models
+        if train.get("positions") is not None:  # absent in runs before the option: the preset's
+            hnae_options["positions"] = train["positions"]
         model = build_model(train["model"], make_task(train["task"], train["seq_len"], **task_options),
                             train["preset"], max_len=longest, hnae_options=hnae_options)
     except (KeyError, TypeError) as error:

@@ -40,6 +40,8 @@ def describe(encoder: hnae.HNAE) -> dict:
         "hidden_size": config.hidden_size,
         "num_heads": config.num_heads,
         "summary_slots": config.summary_slots,
+        "summary_pool": config.summary_pool,
+        "positions": config.positions,
         "bidirectional": config.bidirectional,
         "write_policy": list(config.write_policy),  # one per summary level (1 .. L-1)
         "threshold": list(config.threshold),  # None where the level's policy is not "novelty"

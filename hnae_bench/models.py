@@ -52,6 +52,10 @@ HNAE_HEADS = {'small': None, 'large': 2}
 # a block's summary holds its symbols in order from the first step; with pooled slots (8 of them) copy sat
 # for thousands of steps on T = 500 with summaries that held a bag of the symbols (docs/RESULTS.md).
 HNAE_POOL = {'small': 'select', 'large': 'attention'}
+# positions (see hnae.HNAEConfig): "block" for both presets; `hnae train --positions relative` trades the
+# place-in-block embedding for reads that carry distances, which copy at lengths never trained on
+# (docs/RESULTS.md, "length generalisation").
+HNAE_POSITIONS = {'small': 'block', 'large': 'block'}
 TCN_KERNEL_SIZE = 8                          # the TCN paper's kernel for the copy task
 
 @dataclass
@@ -244,12 +248,13 @@ def hnae_windows(max_len: int, window: int = HNAE_WINDOWS['small'], first: int |
     return tuple(windows)
 
 
-def _recipe_hnae(task, preset, max_len, write_policy='all', threshold=None, budget=None):
+def _recipe_hnae(task, preset, max_len, write_policy='all', threshold=None, budget=None, positions=None):
     import hnae   # the library itself; an ImportError here is a real failure, not a missing peer
 
     windows = hnae_windows(max_len, HNAE_WINDOWS[preset], HNAE_FIRST_WINDOW[preset])
     layers, slots = HNAE_DEPTH[preset], HNAE_SLOTS[preset]
-    policy = {'write_policy': write_policy, 'threshold': threshold, 'budget': budget}
+    policy = {'write_policy': write_policy, 'threshold': threshold, 'budget': budget,
+              'positions': positions or HNAE_POSITIONS[preset]}
 
     def make(width):
         encoder = hnae.HNAE(task.input_size, width, num_layers=layers, batch_first=True, windows=windows,
@@ -329,7 +334,7 @@ def build_model(name: str, task: Task, preset: str = 'small', max_len: int | Non
     max_len: the longest T it will see (default: task.total_length). The TCN
     sizes its receptive field and hnae its windows to cover it; xlstm and
     htransformer refuse longer inputs. Raises ModelUnavailable when a peer
-    package is missing. hnae_options (hnae only): write_policy, threshold, budget.
+    package is missing. hnae_options (hnae only): write_policy, threshold, budget, positions.
     """
     if name not in _RECIPES:
         raise ValueError(f'unknown model name {name!r}; choose one of {MODEL_NAMES}')
@@ -343,7 +348,7 @@ def build_model(name: str, task: Task, preset: str = 'small', max_len: int | Non
         raise ValueError(f'max_len must be a positive int or None, got {max_len!r}')
 
     if hnae_options and name != 'hnae':
-        raise ValueError(f'hnae_options (write policies) apply to hnae only, not {name!r}')
+        raise ValueError(f'hnae_options (write policies, positions) apply to hnae only, not {name!r}')
     recipe = _RECIPES[name](task, preset, max_len, **(hnae_options or {}))
 
     def assemble(width):

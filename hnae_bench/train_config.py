@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hnae.config import POSITIONS
 from hnae_bench.curriculum import build_ladder
 from hnae_bench.models import MODEL_NAMES, PRESETS
 from hnae_bench.tasks import TASK_NAMES, Task, make_task
@@ -57,6 +58,7 @@ class TrainConfig:
     # held-out loss (torch's ReduceLROnPlateau); 0: a constant rate. Loss targets far below the solved
     # threshold (copy 3.5e-5, adding 5.3e-5) need the smaller steps.
     lr_plateau: int = 0
+    positions: str | None = None  # hnae only: "block" or "relative" (hnae.HNAEConfig); None: the preset's
 
     def __post_init__(self):
         for name, choices in (("task", TASK_NAMES), ("model", MODEL_NAMES), ("preset", PRESETS)):
@@ -95,7 +97,10 @@ class TrainConfig:
             self.ladder = tuple(self.ladder)
         build_ladder(self.seq_len, self.curriculum, self.ladder)  # validates ladder
         if self.hnae_options() and self.model != "hnae":
-            raise ValueError(f"write_policy, threshold and budget apply to hnae only, not {self.model!r}")
+            raise ValueError(f"write_policy, threshold, budget and positions apply to hnae only, "
+                             f"not {self.model!r}")
+        if self.positions is not None and self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS} or None, got {self.positions!r}")
         if self.hnae_options():
             from hnae.write_policy import normalise_policy
             normalise_policy(self.write_policy, self.threshold, self.budget, 2)  # refuses bad values by name
@@ -106,7 +111,9 @@ class TrainConfig:
     def hnae_options(self) -> dict:
         """The write-policy arguments for hnae, or {} when they are all the defaults."""
         options = {"write_policy": self.write_policy, "threshold": self.threshold, "budget": self.budget}
-        return {} if options == {"write_policy": "all", "threshold": None, "budget": None} else options
+        if options == {"write_policy": "all", "threshold": None, "budget": None}:
+            options = {}
+        return options if self.positions is None else {**options, "positions": self.positions}
 
     def to_json(self) -> dict:
         values = asdict(self)

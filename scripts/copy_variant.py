@@ -37,7 +37,7 @@ Environment switches (unset: the preset as it is):
                give back each item's value; it reaches only the pools and the decoder queries (the
                items and the layer's key/value projection are detached), like the compressive
                transformer's reconstruction loss
-The arguments are those of `hnae train`. Nothing here changes the library or the bench defaults.
+The arguments are those of `hnae train`, or `evaluate` and those of `hnae evaluate` (set the same switches). Nothing here changes the library or the bench defaults.
 """
 import os
 import sys
@@ -234,4 +234,7 @@ if "RECON" in os.environ:
     models.SequenceModel.write_penalty = penalty_with_reconstruction
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["evaluate"]:  # `hnae evaluate` on a checkpoint trained with the same switches
+        from hnae_bench import evaluate_cli
+        sys.exit(evaluate_cli.main(sys.argv[2:]))
     sys.exit(train_cli.main(sys.argv[1:]))

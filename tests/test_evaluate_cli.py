@@ -16,7 +16,8 @@ def trained_run(tmp_path, model, **overrides):
 
 
 @pytest.mark.parametrize("model, overrides", [("hnae", {}), ("lstm", {}),
-                                              ("hnae", {"write_policy": "novelty", "threshold": 0.9})])
+                                              ("hnae", {"write_policy": "novelty", "threshold": 0.9}),
+                                              ("hnae", {"positions": "relative"})])
 def test_it_reproduces_the_generalisation_records_of_the_training_run(tmp_path, capsys, model, overrides):
     result = trained_run(tmp_path, model, **overrides)
     out = tmp_path / "records.json"
@@ -57,4 +58,17 @@ def test_the_committed_h200_copy_model_still_solves_t_10000(capsys, tmp_path):
     assert main(["--checkpoint", str(checkpoint), "--seq-lens", "10000", "--sequences", "4", "--no-progress",
                  "--json", str(out)]) == 0
     (record,) = json.loads(out.read_text())["records"]
+    assert record["solved"] and record["metrics"]["accuracy"] >= 0.99
+
+
+def test_the_committed_length_free_copy_model_copies_ten_times_further(tmp_path):
+    """docs/RESULTS.md, length generalisation: trained at T = 1000 (positions="relative", novelty
+    memory), it copies at T = 10,000. It fails if the model's computation changes under its weights."""
+    from pathlib import Path
+    checkpoint = Path(__file__).resolve().parents[1] / "docs/cpu/length-free-2026-11-27/model"
+    out = tmp_path / "records.json"
+    assert main(["--checkpoint", str(checkpoint), "--seq-lens", "10000", "--sequences", "4", "--no-progress",
+                 "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["records"]
+    assert json.loads((checkpoint / "config.json").read_text())["train"]["seq_len"] == 1000
     assert record["solved"] and record["metrics"]["accuracy"] >= 0.99

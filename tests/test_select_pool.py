@@ -29,14 +29,16 @@ def block_with_outliers(places, batch=1) -> torch.Tensor:
     return values
 
 
-def expected_summaries(pool: SelectPool, values: torch.Tensor, kept: list[int]) -> torch.Tensor:
-    """The documented rule, written out for one block: (1, 1, K, D)."""
+def expected_summaries(pool: SelectPool, values: torch.Tensor, kept: list[int], ranked=True) -> torch.Tensor:
+    """The documented rule, written out for one block: (1, 1, K, D). ``ranked``: check that ``kept``
+    are the K highest saliences (without ties)."""
     flat = values[0, :, 0]  # (H, n, E)
     mean = flat.mean(dim=1, keepdim=True)
     deviation = (flat - mean).pow(2).sum(dim=(0, 2)) / flat.pow(2).sum(dim=(0, 2)).mean()  # (n,)
     learned = torch.einsum("hne,he->n", flat, pool.salience) + pool.salience_bias
     salience = learned + pool.deviation_weight * deviation  # (n,)
-    assert salience.topk(SLOTS).indices.sort().values.tolist() == kept
+    if ranked:
+        assert salience.topk(SLOTS).indices.sort().values.tolist() == kept
     placed = flat + place_table(pool, "place_values")  # (H, n, E)
     rows = placed[:, kept].permute(1, 0, 2).reshape(SLOTS, HEADS * WIDTH)  # (K, D)
     return (pool.norm(pool.output(rows)) * torch.sigmoid(salience[kept]).unsqueeze(-1)).view(1, 1, SLOTS, -1)
@@ -65,6 +67,21 @@ def test_the_learned_score_can_overrule_the_deviation():
     kept = pool.salience_scores(values)[0, 0].topk(SLOTS).indices.sort().values.tolist()
     assert kept == [1, 3, 4]
     assert torch.allclose(pool(values, values), expected_summaries(pool, values, kept), atol=1e-12)
+
+
+def test_ties_and_rounding_keep_the_earliest_places():
+    """A block of one repeated item keeps places 0..K-1, and so does the same block with rounding-size
+    noise on it, giving the same summary: otherwise which places a uniform block keeps is decided by
+    rounding, and two such blocks summarise differently (a novelty policy then writes both)."""
+    pool = make_pool()
+    uniform = block_with_outliers([])  # (1, H, 1, n, E)
+    noisy = uniform + 1e-7 * torch.randn(uniform.shape, generator=torch.Generator().manual_seed(3),
+                                         dtype=torch.float64)
+    for values in (uniform, noisy):
+        summaries = pool(values, values)
+        assert torch.allclose(summaries, expected_summaries(pool, values, list(range(SLOTS)), ranked=False),
+                              atol=1e-12)
+    assert (pool(uniform, uniform) - pool(noisy, noisy)).abs().max() < 1e-5
 
 
 def test_every_score_parameter_gets_a_gradient():

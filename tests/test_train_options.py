@@ -1,4 +1,4 @@
-"""`lr_plateau`: the learning rate halves when the last rung's held-out loss stops improving."""
+"""Options of `hnae train`: `lr_plateau` (the rate halves when the last rung stops improving) and `positions`."""
 import json
 
 import pytest
@@ -72,3 +72,19 @@ def test_resume_refuses_another_patience(tmp_path):
 def test_bad_patience_is_refused_by_name(bad):
     with pytest.raises(ValueError, match="lr_plateau"):
         tiny(lr_plateau=bad)
+
+
+def test_positions_reach_the_hnae_model_and_resume_must_match(tmp_path):
+    """`--positions relative` (in this file for its tiny configs): no place table in the model, the
+    choice recorded, and a resume that asks for the other refused."""
+    from hnae_bench.checkpoint import CheckpointError
+    settings = dict(model="hnae", steps=2, out=str(tmp_path), checkpoint_every=2)
+    result = train(tiny(positions="relative", **settings))
+    assert result.model.model_config["positions"] == "relative"
+    assert not any("place_embedding" in name for name, _ in result.model.named_parameters())
+    with pytest.raises(CheckpointError, match="positions"):
+        train(tiny(positions="block", resume=True, **{**settings, "steps": 4}))
+    with pytest.raises(ValueError, match="positions"):
+        tiny(positions="absolute")
+    with pytest.raises(ValueError, match="hnae only"):
+        tiny(positions="relative")  # the tiny config's model is the LSTM
