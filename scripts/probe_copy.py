@@ -24,21 +24,15 @@ import copy_variant  # noqa: F401  (applies the environment switches to the pres
 from hnae.inspect import trace_memory
 from hnae.places import place_table
 from hnae.pooling import SelectPool
-from hnae_bench.checkpoint import latest_checkpoint, load_checkpoint
-from hnae_bench.models import build_model
+from hnae_bench.evaluate_cli import load_trained
 from hnae_bench.tasks import make_task
 
 NUM_ANSWERS = 10
 
 
 def load_model(path: str) -> torch.nn.Module:
-    checkpoint = load_checkpoint(latest_checkpoint(path) or path)
-    model_config = checkpoint.config["model_config"]
-    longest = int(model_config["max_len"])
-    task = make_task("copy", longest - 2 * NUM_ANSWERS)
-    model = build_model("hnae", task, model_config["preset"], longest)
-    model.load_state_dict(checkpoint.model_state)
-    return model.eval()
+    """The run's model as `hnae evaluate` rebuilds it (its write policy and positions included)."""
+    return load_trained(path)[0]
 
 
 def on_first_pools(model: torch.nn.Module, x: torch.Tensor, measure) -> list:
