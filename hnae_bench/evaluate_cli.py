@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: torch.cuda.is_available() is False; use --device cpu")
         model, train, path = load_trained(args.checkpoint)
         model.to(args.device)
     except (ValueError, OSError, RuntimeError) as error:

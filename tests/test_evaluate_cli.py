@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import hnae
 from hnae_bench.evaluate_cli import main
@@ -47,6 +48,12 @@ def test_refusals_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(tmp_path), "--seq-lens", "12,7"])
     assert "increasing" in capsys.readouterr().err
+    trained_run(tmp_path, "lstm")
+    assert main(["--checkpoint", str(tmp_path / "lstm"), "--seq-lens", "7", "--device", "bogus"]) == 1
+    assert "bogus" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["--checkpoint", str(tmp_path / "lstm"), "--seq-lens", "7", "--device", "cuda"]) == 1
+        assert "use --device cpu" in capsys.readouterr().err
 
 
 def test_the_committed_h200_copy_model_still_solves_t_10000(capsys, tmp_path):
