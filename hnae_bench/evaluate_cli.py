@@ -3,8 +3,9 @@
     hnae evaluate --checkpoint runs/copy1000 --seq-lens 1000,1100,10000
     hnae evaluate --checkpoint runs/copy1000/ckpt-004000 --seq-lens 10000 --sequences 64 --json runs/gen.json
 
-The model (any of ``hnae train``'s models, rebuilt from the checkpoint's
-configuration, weights from its safetensors) is evaluated on ``--sequences``
+The model (any of ``hnae train``'s models: hnae from the shape its checkpoint
+records, the others from the run's configuration; weights from its
+safetensors) is evaluated on ``--sequences``
 fresh held-out sequences per length, drawn from the same seeds as ``hnae train
 --generalise`` uses, so the two agree. Sequences longer than one call holds are
 streamed through hnae's state (see ``hnae_bench.length_generalisation``).
@@ -40,6 +41,9 @@ def load_trained(directory) -> tuple[torch.nn.Module, dict, Path]:
     if not isinstance(train, dict):
         raise ValueError(f"{path / CONFIG_FILE}: not a hnae train checkpoint (no 'train' object); a save_pretrained "
                          f"directory holds an encoder without a task head, which this command cannot score")
+    if train.get("model") == "hnae":  # from the recorded shape, whatever the preset says today
+        from hnae_bench.export import load_source
+        return load_source(path).model, train, path
     try:
         task_options = train.get("task_options") or {}
         longest = make_task(train["task"], train["seq_len"], **task_options).total_length  # as hnae train sized it

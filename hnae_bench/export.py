@@ -47,6 +47,7 @@ class ExportSource:
     head: nn.Module | None
     kind: str  # "save_pretrained" or "hnae train checkpoint"
     path: Path
+    model: nn.Module | None = None  # a train checkpoint's whole SequenceModel (body and head)
 
 
 def _tuple(value):
@@ -85,7 +86,7 @@ def _from_train_checkpoint(path: Path, config: dict) -> ExportSource:
         model.load_state_dict(read_safetensors(weights_path), strict=True)
     except RuntimeError as error:
         raise ValueError(f"{weights_path}: does not fit the model described by {config_path} ({error})") from None
-    return ExportSource(encoder.eval(), model.head.eval(), "hnae train checkpoint", path)
+    return ExportSource(encoder.eval(), model.head.eval(), "hnae train checkpoint", path, model.eval())
 
 
 def load_source(directory) -> ExportSource:
