@@ -23,6 +23,7 @@ from tqdm import tqdm
 from hnae_bench.arguments import increasing_lengths, positive
 from hnae_bench.checkpoint import CONFIG_FILE, LATEST, MODEL_FILE, atomic_write_json, latest_checkpoint, read_json
 from hnae_bench.checkpoint import read_safetensors
+from hnae_bench.export import load_source
 from hnae_bench.length_generalisation import evaluate_at_length
 from hnae_bench.models import build_model
 from hnae_bench.tasks import make_task
@@ -41,20 +42,11 @@ def load_trained(directory) -> tuple[torch.nn.Module, dict, Path]:
     if not isinstance(train, dict):
         raise ValueError(f"{path / CONFIG_FILE}: not a hnae train checkpoint (no 'train' object); a save_pretrained "
                          f"directory holds an encoder without a task head, which this command cannot score")
-    if train.get("model") == "hnae":  # from the recorded shape, whatever the preset says today
-        from hnae_bench.export import load_source
+    if train.get("model") == "hnae":  # from the recorded shape (policy, positions), whatever today's preset
         return load_source(path).model, train, path
-    try:
-        task_options = train.get("task_options") or {}
-        longest = make_task(train["task"], train["seq_len"], **task_options).total_length  # as hnae train sized it
-        hnae_options = {key: train.get(key) for key in ("write_policy", "threshold", "budget")}
-        if hnae_options["write_policy"] in (None, "all") and hnae_options == {**hnae_options, "threshold": None,
-                                                                                "budget": None}:
-            hnae_options = {}  # the defaults: build_model refuses any hnae_options for other models
-        if train.get("positions") is not None:  # absent in runs before the option: the preset's
-            hnae_options["positions"] = train["positions"]
-        model = build_model(train["model"], make_task(train["task"], train["seq_len"], **task_options),
-                            train["preset"], max_len=longest, hnae_options=hnae_options)
+    try:  # the other models have no options beyond their preset: rebuilt as hnae train built them
+        task = make_task(train["task"], train["seq_len"], **(train.get("task_options") or {}))
+        model = build_model(train["model"], task, train["preset"], max_len=task.total_length)
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path / CONFIG_FILE}: malformed 'train' configuration ({type(error).__name__}: "
                          f"{error})") from None

@@ -37,7 +37,8 @@ Environment switches (unset: the preset as it is):
                give back each item's value; it reaches only the pools and the decoder queries (the
                items and the layer's key/value projection are detached), like the compressive
                transformer's reconstruction loss
-The arguments are those of `hnae train`, or `evaluate` and those of `hnae evaluate` (set the same switches). Nothing here changes the library or the bench defaults.
+The arguments are those of `hnae train`, or `evaluate` and those of `hnae evaluate` (set the same
+switches). Nothing here changes the library or the bench defaults.
 """
 import os
 import sys
