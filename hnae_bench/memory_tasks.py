@@ -6,8 +6,8 @@ content; what differs is what fills the stream:
 - ``redundant_stream`` (video-like): every frame repeats its scene for
   ``hold`` frames with small Gaussian noise. First ``num_pairs`` *keyed* scenes
   (key j, symbol v_j), then ``distance`` frames of unkeyed distractor scenes
-  (random symbols, also held), then one query frame per key (random order).
-  At query j the model outputs v_j. Storing every frame stores each scene
+  (random symbols, also held), then ``num_queries`` query frames, each for a
+  different key (random order; ``0``: one per key). At query j the model outputs v_j. Storing every frame stores each scene
   ``hold`` times; a novelty policy can keep one item per scene.
 - ``sparse_signal`` (distractors): ``seq_len`` frames, each a token from a
   noise vocabulary, except ``num_pairs`` frames (about ``5%`` by default) that
@@ -17,8 +17,8 @@ content; what differs is what fills the stream:
 
 Input channels (C): keys (P) + a "keyed" flag + symbols (V) + noise tokens
 (N, sparse_signal only) + a query flag; a query frame has its key and the
-query flag. Classes: the V symbols; loss and accuracy over the P queries.
-Dimension letters: B batch, T total steps, C channels, P pairs.
+query flag. Classes: the V symbols; loss and accuracy over the Q queries.
+Dimension letters: B batch, T total steps, C channels, P pairs, Q queries.
 """
 
 from __future__ import annotations
@@ -37,23 +37,29 @@ class _KeyedRecall(ClassificationTask):
         pairs, symbols = self.options['num_pairs'], self.options['vocab_size']
         if pairs < 1 or symbols < 2:
             raise ValueError(f'num_pairs must be >= 1 and vocab_size >= 2, got {pairs} and {symbols}')
+        queries = self.options['num_queries'] or pairs
+        if not 1 <= queries <= pairs:
+            raise ValueError(f'num_queries must be in 1..num_pairs={pairs} (0: one per pair), '
+                             f"got {self.options['num_queries']}")
+        self.num_queries = queries
         self.key_offset, self.flag = 0, pairs
         self.symbol_offset = pairs + 1
         self.noise_offset = self.symbol_offset + symbols
         self.query_flag = self.noise_offset + noise_tokens
         self.input_size, self.output_size = self.query_flag + 1, symbols
-        self.num_loss_steps = self.num_answer_steps = pairs
+        self.num_loss_steps = self.num_answer_steps = queries
         self.chance_loss = math.log(symbols)
         self.chance_accuracy = 1.0 / symbols
 
     def _queries(self, x: torch.Tensor, values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Write the P query frames at the end of x (B, T, C); returns the targets (B, P)."""
+        """Write the Q query frames at the end of x (B, T, C); returns the targets (B, Q)."""
         batch, pairs = values.shape
-        order = torch.rand(batch, pairs, generator=generator).argsort(dim=1)  # (B, P) keys asked, in order
+        queries = self.num_queries
+        order = torch.rand(batch, pairs, generator=generator).argsort(dim=1)[:, :queries]  # (B, Q) keys asked
         rows = torch.arange(batch).unsqueeze(1)
-        steps = torch.arange(self.total_length - pairs, self.total_length).expand(batch, pairs)
+        steps = torch.arange(self.total_length - queries, self.total_length).expand(batch, queries)
         x[rows, steps, self.key_offset + order] = 1.0
-        x[:, -pairs:, self.query_flag] = 1.0
+        x[:, -queries:, self.query_flag] = 1.0
         return values.gather(1, order)
 
 
@@ -64,7 +70,7 @@ class RedundantStreamTask(_KeyedRecall):
     """
 
     name = 'redundant_stream'
-    default_options = {'num_pairs': 4, 'vocab_size': 8, 'hold': 10, 'noise_permille': 50}
+    default_options = {'num_pairs': 4, 'num_queries': 0, 'vocab_size': 8, 'hold': 10, 'noise_permille': 50}
 
     def __init__(self, seq_len: int, **options):
         super().__init__(seq_len, **options)
@@ -74,7 +80,7 @@ class RedundantStreamTask(_KeyedRecall):
             raise ValueError(f"hold must be >= 1 and noise_permille >= 0, got {self.options['hold']} "
                              f"and {self.options['noise_permille']}")
         self._layout(noise_tokens=0)
-        self.total_length = self.options['num_pairs'] * (self.options['hold'] + 1) + seq_len
+        self.total_length = self.options['num_pairs'] * self.options['hold'] + seq_len + self.num_queries
 
     def sample(self, batch_size, generator):
         self._check_sample_args(batch_size, generator)
@@ -92,16 +98,26 @@ class RedundantStreamTask(_KeyedRecall):
         if self.seq_len:
             gap = torch.arange(self.seq_len).expand(batch_size, -1)  # (B, distance)
             x[rows, pairs * hold + gap, self.symbol_offset + filler.gather(1, gap // hold)] = 1.0
-        x[:, :-pairs] += torch.randn(batch_size, self.total_length - pairs, self.input_size,
+        queries = self.num_queries
+        x[:, :-queries] += torch.randn(batch_size, self.total_length - queries, self.input_size,
                                      generator=generator) * (self.options['noise_permille'] / 1000)
         return x, self._queries(x, values, generator)
+
+    def new_content_fraction(self, batch_size: int = 256, seed: int = 0) -> float:
+        """The share of frames whose noise-free content differs from the frame before (the first counts).
+
+        No policy that stores each new thing once can write fewer: each scene start, each query."""
+        clean = RedundantStreamTask(self.seq_len, **{**self.options, 'noise_permille': 0})
+        x, _ = clean.sample(batch_size, torch.Generator().manual_seed(seed))  # (B, T, C)
+        changed = (x[:, 1:] != x[:, :-1]).any(dim=-1)  # (B, T - 1)
+        return float((1 + changed.sum(dim=1)).double().mean()) / self.total_length
 
 
 class SparseSignalTask(_KeyedRecall):
     """``num_pairs`` keyed data tokens at random places among ``seq_len`` noise tokens, then queries."""
 
     name = 'sparse_signal'
-    default_options = {'num_pairs': 8, 'vocab_size': 8, 'noise_vocab_size': 32}
+    default_options = {'num_pairs': 8, 'num_queries': 0, 'vocab_size': 8, 'noise_vocab_size': 32}
 
     def __init__(self, seq_len: int, **options):
         super().__init__(seq_len, **options)
@@ -110,7 +126,7 @@ class SparseSignalTask(_KeyedRecall):
         if self.options['noise_vocab_size'] < 1:
             raise ValueError(f"noise_vocab_size must be >= 1, got {self.options['noise_vocab_size']}")
         self._layout(noise_tokens=self.options['noise_vocab_size'])
-        self.total_length = seq_len + self.options['num_pairs']
+        self.total_length = seq_len + self.num_queries
 
     def sample(self, batch_size, generator):
         self._check_sample_args(batch_size, generator)

@@ -22,9 +22,12 @@ def test_tiny_profile_writes_every_section(tmp_path):
     assert sweep["distance"] == 8 and sweep["holds"] == [2, 5] and sweep["policies"] == ["novelty", "learned"]
     assert [(run["policy"], run["hold"]) for run in sweep["runs"]] == [
         ("novelty", 2), ("novelty", 5), ("learned", 2), ("learned", 5)]
-    pairs = 4   # redundant_stream's default num_pairs: P scenes of r frames, the distance, P queries
+    pairs, queries = 4, 2   # the bench's redundant_stream: P scenes of r frames, the distance, Q queries
     for run in sweep["runs"]:
-        assert run["seq_len"] == 8 and run["total_length"] == pairs * run["hold"] + 8 + pairs
+        assert run["seq_len"] == 8 and run["total_length"] == pairs * run["hold"] + 8 + queries
+        assert (pairs + queries + 1) / run["total_length"] <= run["new_content_fraction"]
+        distractor_scenes = -(-8 // run["hold"])
+        assert run["new_content_fraction"] <= (pairs + distractor_scenes + queries) / run["total_length"]
         assert run["steps"] > 0 and all(0.0 <= fraction <= 1.0 for fraction in run["written_fraction"])
     everything = [run for run in results["tasks"]["redundant_stream"]["runs"]
                   if run["policy"] == "all" and "skipped" not in run]
@@ -32,7 +35,8 @@ def test_tiny_profile_writes_every_section(tmp_path):
     report = (out / "memory-report.md").read_text()
     assert "## Targets" in report and "## redundant_stream: frames per scene (r) at distance 8" in report
     assert report.count("| novelty | ") == 2 + 1 + 2   # distance sweep rows run, sparse_signal, hold sweep
-    assert "![hold sweep](memory-hold_sweep.png)" in report
+    assert "![hold sweep](memory-hold_sweep.png)" in report and "| new content |" in report
+    assert "frames with new content" in next(line for line in verdicts(results) if "target <= 15%" in line)
     for line in verdicts(results):
         assert line in report
 

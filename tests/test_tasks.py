@@ -289,6 +289,37 @@ def test_redundant_stream_layout_and_answers():
     assert 0 < (noisy - x).abs().max() < 0.5 and torch.equal(noisy[:, -3:], x[:, -3:])  # queries are clean
 
 
+def test_redundant_stream_asks_some_keys():
+    task = make_task('redundant_stream', 25, num_pairs=3, num_queries=2, vocab_size=5, hold=4, noise_permille=0)
+    assert task.total_length == 3 * 4 + 25 + 2 and task.num_loss_steps == 2
+    x, y = task.sample(6, generator(23))
+    assert y.shape == (6, 2)
+    for b in range(6):
+        answer_of_key = {int(x[b, s * 4, :3].argmax()): int(x[b, s * 4, task.symbol_offset:].argmax())
+                         for s in range(3)}
+        queries = x[b, -2:]
+        asked = queries[:, :3].argmax(1).tolist()
+        assert torch.all(queries[:, task.query_flag] == 1) and len(set(asked)) == 2
+        assert x[b, :-2, task.query_flag].sum() == 0
+        assert y[b].tolist() == [answer_of_key[k] for k in asked]
+    with pytest.raises(ValueError, match='num_queries'):
+        make_task('redundant_stream', 5, num_pairs=3, num_queries=4)
+    with pytest.raises(ValueError, match='num_queries'):
+        make_task('sparse_signal', 20, num_pairs=3, num_queries=-1)
+
+
+@pytest.mark.parametrize('hold, queries', [(1, 0), (4, 0), (4, 1), (10, 2)])
+def test_redundant_stream_new_content(hold, queries):
+    pairs = 3
+    exact = make_task('redundant_stream', 0, num_pairs=pairs, num_queries=queries, hold=hold)
+    asked = queries or pairs   # no distractors: every scene start and every query is new, nothing else
+    assert exact.new_content_fraction() == pytest.approx((pairs + asked) / exact.total_length)
+    task = make_task('redundant_stream', 8 * hold, num_pairs=pairs, num_queries=queries, hold=hold)
+    # 8 distractor scenes: the first is new, each next one unless it repeats the symbol before (1 in 8)
+    expected = pairs + 1 + 7 * (1 - 1 / 8) + asked
+    assert task.new_content_fraction(batch_size=2000) == pytest.approx(expected / task.total_length, rel=0.03)
+
+
 def test_sparse_signal_layout_and_answers():
     task = make_task('sparse_signal', 60, num_pairs=4, vocab_size=5, noise_vocab_size=7)
     assert task.total_length == 64 and task.input_size == 4 + 1 + 5 + 7 + 1
