@@ -4,6 +4,7 @@ Pre-norm residual, as in most modern transformers:
 
     h = project_in(x) + place[t mod w_0]    # (B, C, D)  (identity when widths agree; positions="relative":
                                             #  no place term, see HNAEConfig.positions)
+    h = h + short_conv(h)                   # short_conv=k > 0 only: each step mixed with its k - 1 before
     h = h + attention(norm_attention(h))    # hierarchical, causal
     h = h + feed_forward(norm_feed_forward(h))
     y = project_out(norm_output(h))         # (B, C, D) or (B, C, proj_size)
@@ -16,6 +17,7 @@ from torch import nn
 
 from .attention import HierarchicalAttention
 from .places import add_place_table, place_rows
+from .short_conv import ShortConv
 
 
 class HNAEBlock(nn.Module):
@@ -29,7 +31,7 @@ class HNAEBlock(nn.Module):
                  summary_slots: int, ffn_width: int, proj_size: int = 0, bias: bool = True,
                  write_policy: tuple = (), thresholds: tuple = (), budgets: tuple = (),
                  place_rank: int | None = None, summary_pool: str = "attention", positions: str = "block",
-                 device=None, dtype=None) -> None:
+                 short_conv: int = 0, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.project_in = (nn.Identity() if in_features == hidden_size
@@ -39,6 +41,7 @@ class HNAEBlock(nn.Module):
         self.block_places = positions == "block"
         if self.block_places:
             add_place_table(self, "place_embedding", (windows[0], hidden_size), place_rank, factory)  # (w_0, D)
+        self.short_conv = ShortConv(hidden_size, short_conv, **factory) if short_conv else None
         self.norm_attention = nn.LayerNorm(hidden_size, **factory)
         self.attention = HierarchicalAttention(hidden_size, num_heads, windows, summary_slots, bias=bias,
                                                write_policy=write_policy, thresholds=thresholds,
@@ -55,6 +58,13 @@ class HNAEBlock(nn.Module):
         self.project_out = (nn.Linear(hidden_size, proj_size, bias=False, **factory) if proj_size
                             else nn.Identity())
 
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes (without the batch dimension) of this layer's state tensors (see ``hnae.state``)."""
+        shapes = self.attention.state_shapes()
+        if self.short_conv is not None:
+            shapes["conv_tail"] = (self.short_conv.kernel - 1, self.attention.d_model)
+        return shapes
+
     def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,
                       end) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, C, in_features) at positions start.. ; returns (B, C, out_features) and the state at end."""
@@ -62,7 +72,12 @@ class HNAEBlock(nn.Module):
         if self.block_places:
             places = torch.arange(start, start + x.shape[1], device=x.device) % self.attention.windows[0]
             hidden = hidden + place_rows(self, "place_embedding", places)
+        if self.short_conv is not None:
+            mixed, tail = self.short_conv.forward_chunk(hidden, state["conv_tail"], start, end)
+            hidden = hidden + mixed
         attended, new_state = self.attention.forward_chunk(self.norm_attention(hidden), state, start, end)
+        if self.short_conv is not None:
+            new_state["conv_tail"] = tail
         hidden = hidden + attended
         hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))
         return self.project_out(self.norm_output(hidden)), new_state
@@ -76,8 +91,13 @@ class HNAEBlock(nn.Module):
         hidden = self.project_in(x)  # (B, D)
         if self.block_places:
             hidden = hidden + place_rows(self, "place_embedding", position % self.attention.windows[0])
+        if self.short_conv is not None:
+            mixed, tail = self.short_conv.step(hidden, state["conv_tail"])
+            hidden = hidden + mixed
         attended, new_state = self.attention.step(self.norm_attention(hidden), state, position, branch_free,
                                                   completes, ring)
+        if self.short_conv is not None:
+            new_state["conv_tail"] = tail
         hidden = hidden + attended
         hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))
         return self.project_out(self.norm_output(hidden)), new_state

@@ -57,6 +57,11 @@ class HNAEConfig:
         far back that lies and nothing says where a block starts (a model trained at one
         length then runs the same at others; the summaries keep content on the heads'
         non-rotary dims only).
+    short_conv: 0 (default) or a kernel ``k >= 2``: each layer adds to its input a depthwise
+        causal convolution over the last ``k`` steps (``hnae.short_conv``), so its queries say
+        what came just before their step, not only what the step is. Every layer then reaches
+        ``k - 1`` steps further (``receptive_field`` counts them); the state keeps ``k - 1``
+        inputs per layer.
     """
 
     input_size: int
@@ -77,6 +82,7 @@ class HNAEConfig:
     place_rank: int | None = None
     summary_pool: str = "attention"
     positions: str = "block"
+    short_conv: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +97,9 @@ class HNAEConfig:
             raise ValueError(f"summary_pool must be one of {SUMMARY_POOLS}, got {self.summary_pool!r}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        _require_int("short_conv", self.short_conv, 0)
+        if self.short_conv == 1:
+            raise ValueError("short_conv must be 0 (none) or a kernel of >= 2 steps, got 1")
         for flag in ("bias", "batch_first", "bidirectional"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
@@ -153,7 +162,7 @@ class HNAEConfig:
     def state_signature(self) -> tuple:
         """What a streaming state must agree on to be continued by this model."""
         return (self.num_layers, self.hidden_size, self.num_heads, self.windows, self.summary_slots,
-                self.write_policy, self.threshold)
+                self.write_policy, self.threshold, self.short_conv)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

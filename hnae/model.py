@@ -52,7 +52,8 @@ class HNAE(nn.Module):
         each block keeps its summary_slots most salient items; see ``hnae.pooling``),
         positions ("block": a place-in-block embedding; "relative": reads that say how far
         back they lie and nothing tied to where a block starts, so the model runs the same at
-        lengths it was not trained at; see ``HNAEConfig``).
+        lengths it was not trained at; see ``HNAEConfig``), short_conv (0, or k >= 2: a causal
+        convolution over each layer's last k inputs in front of its attention; see ``hnae.short_conv``).
 
     forward(input, state=None, lengths=None) -> (output, state). Output
     features: ``(proj_size or hidden_size) * num_directions``. Padded steps
@@ -65,18 +66,18 @@ class HNAE(nn.Module):
                  proj_size: int = 0, device=None, dtype=None, *, windows=(100, 100), num_heads=None,
                  summary_slots: int = 1, ffn_multiplier: float = 2.0, write_policy="all", threshold=None,
                  budget=None, place_rank: int | None = None, summary_pool: str = "attention",
-                 positions: str = "block") -> None:
+                 positions: str = "block", short_conv: int = 0) -> None:
         super().__init__()
         self.config = HNAEConfig(
             input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, bias=bias,
             batch_first=batch_first, dropout=dropout, bidirectional=bidirectional, proj_size=proj_size,
             windows=windows, num_heads=num_heads, summary_slots=summary_slots, ffn_multiplier=ffn_multiplier,
             write_policy=write_policy, threshold=threshold, budget=budget, place_rank=place_rank,
-            summary_pool=summary_pool, positions=positions)
+            summary_pool=summary_pool, positions=positions, short_conv=short_conv)
         config = self.config
         for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
                      "bidirectional", "proj_size", "windows", "num_heads", "summary_slots", "write_policy",
-                     "threshold", "budget", "place_rank", "summary_pool", "positions"):
+                     "threshold", "budget", "place_rank", "summary_pool", "positions", "short_conv"):
             setattr(self, name, getattr(config, name))
         per_direction = proj_size or hidden_size
         self.layers = nn.ModuleList(
@@ -84,7 +85,7 @@ class HNAE(nn.Module):
                 HNAEBlock(input_size if index == 0 else per_direction * config.num_directions, hidden_size,
                           config.num_heads, config.windows, summary_slots, config.ffn_width, proj_size, bias,
                           config.write_policy, config.threshold, config.budget, config.place_rank,
-                          config.summary_pool, config.positions, device=device, dtype=dtype)
+                          config.summary_pool, config.positions, config.short_conv, device=device, dtype=dtype)
                 for _ in range(config.num_directions))
             for index in range(num_layers))
         self.between_layers = nn.Dropout(float(dropout))
@@ -103,11 +104,12 @@ class HNAE(nn.Module):
         this is the maximum over positions for the whole stack (one side, for
         bidirectional models).
         """
-        return receptive_field(self.windows, self.num_layers)
+        return receptive_field(self.windows, self.num_layers, self.short_conv)
 
     def first_visible(self, t: torch.Tensor) -> torch.Tensor:
         """Oldest input index the causal output at positions ``t`` depends on (exact)."""
-        return first_visible_stack(torch.as_tensor(t, dtype=torch.int64), self.windows, self.num_layers)
+        return first_visible_stack(torch.as_tensor(t, dtype=torch.int64), self.windows, self.num_layers,
+                                   self.short_conv)
 
     # ----------------------------------------------------------------- state
     def init_state(self, batch_size: int, device=None, dtype=None) -> HNAEState:
@@ -117,7 +119,7 @@ class HNAE(nn.Module):
         reference = next(self.parameters())
         device = reference.device if device is None else device
         dtype = reference.dtype if dtype is None else dtype
-        layers = [fresh_layer_state(directions[0].attention.state_shapes(), batch_size, device, dtype)
+        layers = [fresh_layer_state(directions[0].state_shapes(), batch_size, device, dtype)
                   for directions in self.layers]
         position = torch.zeros(batch_size, dtype=torch.int64, device=device)
         return HNAEState(position, layers, self.config.state_signature())
@@ -366,7 +368,7 @@ class HNAE(nn.Module):
         return hidden
 
     def _fresh_layer_states(self, batch: int, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        return [fresh_layer_state(directions[0].attention.state_shapes(), batch, x.device, x.dtype)
+        return [fresh_layer_state(directions[0].state_shapes(), batch, x.device, x.dtype)
                 for directions in self.layers]
 
     def _format_output(self, output, input, packed, unbatched, lengths):

@@ -12,6 +12,8 @@ width, ``D`` model width), named ``layer{i}.<field>``:
   (zeros before the start of the stream). A step writes one slot, not a shifted copy.
 - ``memory_keys_{l}``, ``memory_values_{l}`` (B, H, w_l * K, E), ``l >= 1``:
   keys and values of the last ``w_l`` level-``l`` summaries written, oldest first.
+- ``conv_tail`` (B, k - 1, D), only with ``short_conv=k``: the layer's last
+  ``k - 1`` inputs to its short convolution, oldest first (``hnae.short_conv``).
 - ``written``, ``skipped`` (B, L - 1) int64: per summary level, how many
   items it has written and how many candidates its write policy skipped
   (see ``hnae.write_policy``; under ``"all"`` nothing is skipped).

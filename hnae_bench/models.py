@@ -56,6 +56,7 @@ HNAE_POOL = {'small': 'select', 'large': 'attention'}
 # place-in-block embedding for reads that carry distances, which copy at lengths never trained on
 # (docs/RESULTS.md, "length generalisation").
 HNAE_POSITIONS = {'small': 'block', 'large': 'block'}
+HNAE_SHORT_CONV = {'small': 0, 'large': 0}  # hnae.HNAE's short_conv (`hnae train --short-conv K`)
 TCN_KERNEL_SIZE = 8                          # the TCN paper's kernel for the copy task
 
 @dataclass
@@ -248,13 +249,15 @@ def hnae_windows(max_len: int, window: int = HNAE_WINDOWS['small'], first: int |
     return tuple(windows)
 
 
-def _recipe_hnae(task, preset, max_len, write_policy='all', threshold=None, budget=None, positions=None):
+def _recipe_hnae(task, preset, max_len, write_policy='all', threshold=None, budget=None, positions=None,
+                 short_conv=None):
     import hnae   # the library itself; an ImportError here is a real failure, not a missing peer
 
     windows = hnae_windows(max_len, HNAE_WINDOWS[preset], HNAE_FIRST_WINDOW[preset])
     layers, slots = HNAE_DEPTH[preset], HNAE_SLOTS[preset]
     policy = {'write_policy': write_policy, 'threshold': threshold, 'budget': budget,
-              'positions': positions or HNAE_POSITIONS[preset]}
+              'positions': positions or HNAE_POSITIONS[preset],
+              'short_conv': HNAE_SHORT_CONV[preset] if short_conv is None else short_conv}
 
     def make(width):
         encoder = hnae.HNAE(task.input_size, width, num_layers=layers, batch_first=True, windows=windows,
@@ -334,7 +337,7 @@ def build_model(name: str, task: Task, preset: str = 'small', max_len: int | Non
     max_len: the longest T it will see (default: task.total_length). The TCN
     sizes its receptive field and hnae its windows to cover it; xlstm and
     htransformer refuse longer inputs. Raises ModelUnavailable when a peer
-    package is missing. hnae_options (hnae only): write_policy, threshold, budget, positions.
+    package is missing. hnae_options (hnae only): write_policy, threshold, budget, positions, short_conv.
     """
     if name not in _RECIPES:
         raise ValueError(f'unknown model name {name!r}; choose one of {MODEL_NAMES}')
@@ -348,7 +351,7 @@ def build_model(name: str, task: Task, preset: str = 'small', max_len: int | Non
         raise ValueError(f'max_len must be a positive int or None, got {max_len!r}')
 
     if hnae_options and name != 'hnae':
-        raise ValueError(f'hnae_options (write policies, positions) apply to hnae only, not {name!r}')
+        raise ValueError(f'hnae_options (write policies, positions, short_conv) apply to hnae only, not {name!r}')
     recipe = _RECIPES[name](task, preset, max_len, **(hnae_options or {}))
 
     def assemble(width):

@@ -46,7 +46,8 @@ __all__ = ["TrainConfig", "TrainResult", "train", "eval_seed"]
 GRADIENT_CLIP_NORM = 1.0
 # Fields a resumed run must share with the run that wrote the checkpoint.
 RESUME_MUST_MATCH = ("task", "seq_len", "model", "preset", "batch_size", "lr", "seed", "curriculum", "ladder",
-                     "task_options", "length_jitter", "lr_plateau", "positions")
+                     "task_options", "length_jitter", "lr_plateau", "positions",
+                     "short_conv")
 
 
 GENERALISE_SEQUENCES = 16  # sequences per --generalise length

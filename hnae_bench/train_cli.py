@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--positions", choices=("block", "relative"), default=None,
                       help="hnae: a place-in-block embedding, or reads that carry distances (a model that runs "
                       "the same at lengths it was not trained at); default: the preset's")
+    what.add_argument("--short-conv", type=int, default=None, metavar="K",
+                      help="hnae: a causal convolution over each layer's last K inputs in front of its attention "
+                      "(0: none); default: the preset's")
     how = parser.add_argument_group("how long and how")
     how.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps")
     how.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
@@ -93,7 +96,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eval_every=args.eval_every, eval_batches=args.eval_batches, checkpoint_every=args.checkpoint_every,
         progress=not args.no_progress, task_options=dict(args.task_option), stop_when_solved=args.stop_when_solved,
         write_policy=args.write_policy, threshold=args.threshold, budget=args.budget, generalise=args.generalise,
-        length_jitter=args.length_jitter, lr_plateau=args.lr_plateau, positions=args.positions)
+        length_jitter=args.length_jitter, lr_plateau=args.lr_plateau, positions=args.positions,
+        short_conv=args.short_conv)
 
 
 def main(argv: list[str]) -> int:

@@ -59,6 +59,7 @@ class TrainConfig:
     # threshold (copy 3.5e-5, adding 5.3e-5) need the smaller steps.
     lr_plateau: int = 0
     positions: str | None = None  # hnae only: "block" or "relative" (hnae.HNAEConfig); None: the preset's
+    short_conv: int | None = None  # hnae only: each layer's short convolution kernel (0: none); None: the preset's
 
     def __post_init__(self):
         for name, choices in (("task", TASK_NAMES), ("model", MODEL_NAMES), ("preset", PRESETS)):
@@ -97,10 +98,13 @@ class TrainConfig:
             self.ladder = tuple(self.ladder)
         build_ladder(self.seq_len, self.curriculum, self.ladder)  # validates ladder
         if self.hnae_options() and self.model != "hnae":
-            raise ValueError(f"write_policy, threshold, budget and positions apply to hnae only, "
+            raise ValueError(f"write_policy, threshold, budget, positions and short_conv apply to hnae only, "
                              f"not {self.model!r}")
         if self.positions is not None and self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS} or None, got {self.positions!r}")
+        if self.short_conv is not None and (isinstance(self.short_conv, bool) or not isinstance(self.short_conv, int)
+                                            or self.short_conv < 0 or self.short_conv == 1):
+            raise ValueError(f"short_conv must be None, 0 or a kernel >= 2, got {self.short_conv!r}")
         if self.hnae_options():
             from hnae.write_policy import normalise_policy
             normalise_policy(self.write_policy, self.threshold, self.budget, 2)  # refuses bad values by name
@@ -109,11 +113,15 @@ class TrainConfig:
             _positive_int("generalise", length)
 
     def hnae_options(self) -> dict:
-        """The write-policy arguments for hnae, or {} when they are all the defaults."""
+        """hnae's write-policy, positions and short_conv arguments, or {} when they are all the defaults."""
         options = {"write_policy": self.write_policy, "threshold": self.threshold, "budget": self.budget}
         if options == {"write_policy": "all", "threshold": None, "budget": None}:
             options = {}
-        return options if self.positions is None else {**options, "positions": self.positions}
+        if self.positions is not None:
+            options["positions"] = self.positions
+        if self.short_conv is not None:
+            options["short_conv"] = self.short_conv
+        return options
 
     def to_json(self) -> dict:
         values = asdict(self)

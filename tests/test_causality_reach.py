@@ -9,6 +9,8 @@ import hnae
 from conftest import random_input, tiny_model
 
 CASES = [((4, 4), 1), ((4, 4), 2), ((7, 5, 3), 1), ((7, 5, 3), 2), ((5,), 3), ((3, 2, 2), 3)]
+# windows, layers, short_conv: a convolution in front of each layer's attention reaches k - 1 further
+CONV_CASES = [((4, 4), 1, 3), ((4, 4), 2, 5), ((7, 5, 3), 2, 2), ((5,), 3, 4), ((3, 2, 2), 2, 8)]
 
 
 @pytest.mark.parametrize("windows,num_layers", CASES)
@@ -56,6 +58,34 @@ def test_receptive_field_is_the_largest_span(windows, num_layers):
     if num_layers == 1:  # one layer always sees at least prod(windows) past inputs
         far = t[t >= model.receptive_field]
         assert int((far - model.first_visible(far)).min()) >= model.config.guaranteed_reach
+
+
+@pytest.mark.parametrize("windows,num_layers,kernel", CONV_CASES)
+def test_reach_with_a_short_conv(windows, num_layers, kernel):
+    """Both ways with short_conv: x[first_visible(t)] changes out[t], nothing before it does, and the
+    receptive field is the largest span; one layer reaches k - 1 further than without, a stack more."""
+    model = tiny_model(windows, num_layers, dtype=torch.float64, short_conv=kernel)
+    steps = 3 * model.receptive_field
+    x = random_input(1, steps, 5, dtype=torch.float64)
+    t = torch.arange(steps)
+    assert int((t - model.first_visible(t) + 1).max()) == model.receptive_field
+    plain = tiny_model(windows, num_layers)
+    far = torch.arange(4 * model.receptive_field, 5 * model.receptive_field)
+    if num_layers == 1:
+        assert torch.equal(model.first_visible(far), plain.first_visible(far) - (kernel - 1))
+    else:  # the shifts compose through first_visible, which is flat within a block: at least one per layer
+        assert torch.all(model.first_visible(far) <= plain.first_visible(far) - (kernel - 1))
+    with torch.no_grad():
+        reference, _ = model(x)
+        for step in range(0, steps, max(1, steps // 30)):
+            oldest = int(model.first_visible(step))
+            inside = x.clone()
+            inside[0, oldest] += 1.0
+            assert (model(inside)[0][0, step] - reference[0, step]).abs().max() > 1e-9, (step, oldest)
+            if oldest > 0:
+                beyond = x.clone()
+                beyond[0, :oldest] += torch.randn(oldest, 5, dtype=torch.float64)
+                assert torch.equal(model(beyond)[0][0, step], reference[0, step]), (step, oldest)
 
 
 @settings(max_examples=40, deadline=None)

@@ -68,11 +68,13 @@ def test_the_committed_h200_copy_model_still_solves_t_10000(capsys, tmp_path):
     assert record["solved"] and record["metrics"]["accuracy"] >= 0.99
 
 
-def test_the_committed_length_free_copy_model_copies_ten_times_further(tmp_path):
+@pytest.mark.parametrize("folder", ["length-free-2026-11-27", "length-free-conv-2026-11-27"])
+def test_the_committed_length_free_copy_models_copy_ten_times_further(tmp_path, folder):
     """docs/RESULTS.md, length generalisation: trained at T = 1000 (positions="relative", novelty
-    memory), it copies at T = 10,000. It fails if the model's computation changes under its weights."""
+    memory; the second with short_conv=16), they copy at T = 10,000. It fails if the model's
+    computation changes under their weights."""
     from pathlib import Path
-    checkpoint = Path(__file__).resolve().parents[1] / "docs/cpu/length-free-2026-11-27/model"
+    checkpoint = Path(__file__).resolve().parents[1] / "docs/cpu" / folder / "model"
     out = tmp_path / "records.json"
     assert main(["--checkpoint", str(checkpoint), "--seq-lens", "10000", "--sequences", "4", "--no-progress",
                  "--json", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""Options of `hnae train`: `lr_plateau` (the rate halves when the last rung stops improving) and `positions`."""
+"""Options of `hnae train`: `lr_plateau` (the rate halves when the last rung stops improving), `positions` and `short_conv`."""
 import json
 
 import pytest
@@ -88,3 +88,27 @@ def test_positions_reach_the_hnae_model_and_resume_must_match(tmp_path):
         tiny(positions="absolute")
     with pytest.raises(ValueError, match="hnae only"):
         tiny(positions="relative")  # the tiny config's model is the LSTM
+
+
+def test_short_conv_reaches_the_hnae_model_is_rebuilt_and_resume_must_match(tmp_path):
+    """`--short-conv K`: every layer gets a K-tap convolution, the checkpoint records it and rebuilds
+    the same model (hnae evaluate and export read it back), and a resume that asks for another is refused."""
+    from hnae_bench.checkpoint import CheckpointError
+    from hnae_bench.export import load_source
+    settings = dict(model="hnae", steps=2, out=str(tmp_path), checkpoint_every=2)
+    result = train(tiny(short_conv=4, **settings))
+    assert result.model.model_config["short_conv"] == 4
+    convs = [name for name, _ in result.model.named_parameters() if name.endswith("short_conv.weight")]
+    assert len(convs) == result.model.model_config["num_layers"]
+    rebuilt = load_source(tmp_path).model
+    x = torch.randn(2, 25, rebuilt.body.encoder.input_size)
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), result.model(x))
+    with pytest.raises(CheckpointError, match="short_conv"):
+        train(tiny(short_conv=0, resume=True, **{**settings, "steps": 4}))
+    for bad in (1, -1, True):
+        with pytest.raises(ValueError, match="short_conv"):
+            tiny(model="hnae", short_conv=bad)
+    with pytest.raises(ValueError, match="hnae only"):
+        tiny(short_conv=4)  # the tiny config's model is the LSTM
