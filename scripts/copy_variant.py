@@ -6,7 +6,6 @@ Environment switches (unset: the preset as it is):
     FIRST   level-0 window (the preset's 128)     WIN   window of the levels above (8)
     SLOTS   summary slots (8)                   WIDTH  body width (default: the one nearest 40k parameters)
     DEPTH   hnae layers (2)
-    CONV    short_conv kernel of every layer (hnae.HNAE's short_conv; default 0: none)
     HEADS   attention heads (default: the most that leave heads >= 16 wide; 2 at width 40)
     PLACE_RANK  the small preset's place_rank (8): an int, or "full" for full place tables
     AGE=zero   summary age embeddings (keys and values) fixed at zero: summaries are told apart
@@ -57,15 +56,6 @@ for switch, table in (("FIRST", models.HNAE_FIRST_WINDOW), ("WIN", models.HNAE_W
                       ("SLOTS", models.HNAE_SLOTS), ("DEPTH", models.HNAE_DEPTH)):
     if switch in os.environ:
         table["small"] = int(os.environ[switch])
-
-if "CONV" in os.environ:
-    import hnae
-    original_hnae_init = hnae.HNAE.__init__
-
-    def init_with_short_conv(self, *args, **kwargs):
-        kwargs.setdefault("short_conv", int(os.environ["CONV"]))
-        original_hnae_init(self, *args, **kwargs)
-    hnae.HNAE.__init__ = init_with_short_conv
 
 if "HEADS" in os.environ:
     models.HNAE_HEADS["small"] = int(os.environ["HEADS"])
