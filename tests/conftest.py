@@ -49,3 +49,17 @@ def stream_compiled(model, x, **options):
             output, state = step(x[:, t], state)
             outputs.append(output)
     return torch.stack(outputs, dim=1), state
+
+
+def assert_steps_equal_parallel(model, x, tolerance=1e-5):
+    """x (B, T, F) one step at a time through ``model.step``, then through ``compile_step``: both give
+    the outputs of one parallel call within ``tolerance``."""
+    with torch.no_grad():
+        whole, _ = model(x)
+        stepped, state = [], None
+        for t in range(x.shape[1]):
+            output, state = model.step(x[:, t], state)
+            stepped.append(output)
+    assert (torch.stack(stepped, dim=1) - whole).abs().max().item() <= tolerance
+    compiled, _ = stream_compiled(model, x)
+    assert (compiled - whole).abs().max().item() <= tolerance

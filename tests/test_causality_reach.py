@@ -13,6 +13,22 @@ CASES = [((4, 4), 1), ((4, 4), 2), ((7, 5, 3), 1), ((7, 5, 3), 2), ((5,), 3), ((
 CONV_CASES = [((4, 4), 1, 3), ((4, 4), 2, 5), ((7, 5, 3), 2, 2), ((5,), 3, 4), ((3, 2, 2), 2, 8)]
 
 
+def assert_reach_both_ways(model, x, positions):
+    """For each t: changing x[first_visible(t)] changes out[t]; changing everything before it does not.
+    x (1, T, 5) float64: no rounding luck."""
+    with torch.no_grad():
+        reference, _ = model(x)
+        for t in positions:
+            oldest = int(model.first_visible(t))
+            inside = x.clone()
+            inside[0, oldest] += 1.0
+            assert (model(inside)[0][0, t] - reference[0, t]).abs().max() > 1e-9, (t, oldest)
+            if oldest > 0:
+                beyond = x.clone()
+                beyond[0, :oldest] += torch.randn(oldest, 5, dtype=torch.float64)
+                assert torch.equal(model(beyond)[0][0, t], reference[0, t]), (t, oldest)
+
+
 @pytest.mark.parametrize("windows,num_layers", CASES)
 @pytest.mark.parametrize("pool", ["attention", "select"])
 def test_future_inputs_never_change_past_outputs(windows, num_layers, pool):
@@ -36,17 +52,7 @@ def test_reach_both_ways(windows, num_layers, pool):
     model = tiny_model(windows, num_layers, dtype=torch.float64, summary_pool=pool)
     steps = 3 * model.receptive_field
     x = random_input(1, steps, 5, dtype=torch.float64)
-    with torch.no_grad():
-        reference, _ = model(x)
-        for t in range(0, steps, max(1, steps // 40)):
-            oldest = int(model.first_visible(t))
-            inside = x.clone()
-            inside[0, oldest] += 1.0
-            assert (model(inside)[0][0, t] - reference[0, t]).abs().max() > 1e-9, (t, oldest)
-            if oldest > 0:
-                beyond = x.clone()
-                beyond[0, :oldest] += torch.randn(oldest, 5, dtype=torch.float64)
-                assert torch.equal(model(beyond)[0][0, t], reference[0, t]), (t, oldest)
+    assert_reach_both_ways(model, x, range(0, steps, max(1, steps // 40)))
 
 
 @pytest.mark.parametrize("windows,num_layers", CASES)
@@ -75,17 +81,7 @@ def test_reach_with_a_short_conv(windows, num_layers, kernel):
         assert torch.equal(model.first_visible(far), plain.first_visible(far) - (kernel - 1))
     else:  # the shifts compose through first_visible, which is flat within a block: at least one per layer
         assert torch.all(model.first_visible(far) <= plain.first_visible(far) - (kernel - 1))
-    with torch.no_grad():
-        reference, _ = model(x)
-        for step in range(0, steps, max(1, steps // 30)):
-            oldest = int(model.first_visible(step))
-            inside = x.clone()
-            inside[0, oldest] += 1.0
-            assert (model(inside)[0][0, step] - reference[0, step]).abs().max() > 1e-9, (step, oldest)
-            if oldest > 0:
-                beyond = x.clone()
-                beyond[0, :oldest] += torch.randn(oldest, 5, dtype=torch.float64)
-                assert torch.equal(model(beyond)[0][0, step], reference[0, step]), (step, oldest)
+    assert_reach_both_ways(model, x, range(0, steps, max(1, steps // 30)))
 
 
 @settings(max_examples=40, deadline=None)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import hnae
-from conftest import random_input, run_in_chunks, stream_compiled, tiny_model
+from conftest import assert_steps_equal_parallel, random_input, run_in_chunks, tiny_model
 from hnae.short_conv import ShortConv
 
 TOLERANCE = 1e-5
@@ -67,16 +67,7 @@ def test_streaming_equals_parallel(windows, num_layers, variant, plan):
 @pytest.mark.parametrize("variant", ["attention", "novelty"])
 def test_single_steps_and_compiled_steps_equal_parallel(variant):
     model = tiny_model((4, 3, 2), 2, short_conv=4, **VARIANTS[variant])
-    x = random_input(2, 60, 5)
-    with torch.no_grad():
-        whole, _ = model(x)
-        stepped, state = [], None
-        for t in range(x.shape[1]):
-            output, state = model.step(x[:, t], state)
-            stepped.append(output)
-    assert (torch.stack(stepped, dim=1) - whole).abs().max().item() <= TOLERANCE
-    compiled, _ = stream_compiled(model, x)
-    assert (compiled - whole).abs().max().item() <= TOLERANCE
+    assert_steps_equal_parallel(model, random_input(2, 60, 5), TOLERANCE)
 
 
 def test_padded_streams_equal_each_stream_alone_and_continue_exactly():
