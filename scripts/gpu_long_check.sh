@@ -4,8 +4,8 @@
 # summaries) unless a run says otherwise; --lr-plateau halves the rate once the last rung stops improving:
 #   copy1000       copy T=1000 for the loss target (TCN paper: 3.5e-5); then evaluated at 1,100, 1,500
 #                  and 10,000 without retraining (length generalisation)
-#   copy1000relative the same with positions="relative" and a novelty memory (a copy that does not
-#                  depend on the length; evaluated at 100,000 too)
+#   copy1000relative the same with positions="relative", a short convolution (16) and a novelty memory
+#                  (a copy that does not depend on the length; evaluated at 100,000 too)
 #   copy10000      copy climbing the ladder to T=10,000
 #   copy10000jitter the same with lengths jittered over a block
 #   selective      selective_copy at length 4096 (Mamba's task, 99.8%)
@@ -39,7 +39,7 @@ for name in $RUNS; do
     case "$name" in
         copy1000) run copy1000 --task copy --seq-len 1000 --curriculum "${slow[@]}" "${generalise[@]}" & ;;
         copy1000relative) run copy1000relative --task copy --seq-len 1000 --curriculum --positions relative \
-            --write-policy novelty --threshold 0.99 --stop-when-solved --generalise 1100,1500,10000,100000 & ;;
+            --short-conv 16 --write-policy novelty --threshold 0.99 --stop-when-solved --generalise 1100,1500,10000,100000 & ;;
         copy10000) run copy10000 --task copy --seq-len 10000 --curriculum --stop-when-solved & ;;
         copy10000jitter) run copy10000jitter --task copy --seq-len 10000 --curriculum --length-jitter 128 \
             --stop-when-solved & ;;
