@@ -81,3 +81,17 @@ def test_the_committed_length_free_copy_models_copy_ten_times_further(tmp_path, 
     (record,) = json.loads(out.read_text())["records"]
     assert json.loads((checkpoint / "config.json").read_text())["train"]["seq_len"] == 1000
     assert record["solved"] and record["metrics"]["accuracy"] >= 0.99
+
+
+def test_the_committed_adding_model_beats_the_tcn_papers_best_mse(tmp_path):
+    """docs/RESULTS.md, adding at T = 600 on the CPU: below the TCN paper's best MSE (5.3e-5) on 1,024
+    held-out sequences (seeded, so the figure is the same each run). It fails if the model's
+    computation changes under its weights."""
+    from pathlib import Path
+    checkpoint = Path(__file__).resolve().parents[1] / "docs/cpu/adding-2026-11-28/adding600-model"
+    out = tmp_path / "records.json"
+    assert main(["--checkpoint", str(checkpoint), "--seq-lens", "600", "--sequences", "1024", "--no-progress",
+                 "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["records"]
+    assert json.loads((checkpoint / "config.json").read_text())["train"]["task"] == "adding"
+    assert record["metrics"]["mse"] < 5.3e-5
