@@ -25,6 +25,7 @@ from hnae_bench.peers import ModelUnavailable
 
 PEER_MODULES = {"tcn": "pytorch_tcn", "mamba": "mambapy.mamba", "xlstm": "xlstm", "htransformer": "h_transformer_1d"}
 LOAD_SECONDS = 120.0   # a child's allowance to start and build its model, before its first timed phase
+LATE_MESSAGE_SECONDS = 0.05   # past a deadline, how long the parent still waits for a message already sent
 
 
 # ---- the parent side ---------------------------------------------------------------------------
@@ -51,37 +52,45 @@ def run_isolated(context, job: dict, max_seconds: float, load_seconds: float = L
     process = context.Process(target=target or child_main, args=(sender, job), daemon=True)
     process.start()
     sender.close()
-    phase, deadline, result, partial = "start", time.monotonic() + load_seconds + max_seconds, None, None
-    timed_out, phases, phase_started = False, {}, time.monotonic()
+
+    def allowance(name: str) -> float:   # starting up and compiling get the load allowance on top
+        return max_seconds + (load_seconds if name == "start" or name.startswith("compile") else 0)
+
+    phase, result, partial, timed_out, phases = "start", None, None, False, {}
+    phase_started = time.monotonic()
     try:
         while result is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                cut = f"{phase} ran over the {max_seconds:g} s cap"
-                result = {"status": "timeout", "error": cut} if partial is None else {
-                    "status": "ok", **partial, "cut_short": cut}
-            elif receiver.poll(min(remaining, 0.5)):
+            remaining = phase_started + allowance(phase) - time.monotonic()
+            over = remaining <= 0
+            # past the deadline, what is on its way is still read: its time stamp decides
+            if receiver.poll(min(remaining, 0.5) if remaining > 0 else LATE_MESSAGE_SECONDS):
                 try:
                     message = receiver.recv()
                 except EOFError:   # the child died without a result
                     break
-                if message[0] == "phase":
-                    phases[phase] = time.monotonic() - phase_started
-                    phase, phase_started, partial = message[1], time.monotonic(), message[2] or partial
-                    # compiling (torch.compile) is not timed: it gets the load allowance on top
-                    deadline = phase_started + max_seconds + (load_seconds if phase.startswith("compile") else 0)
-                else:
-                    result = message[1]
-            elif not process.is_alive() and not receiver.poll(0):
+                # judged by the child's clock (CLOCK_MONOTONIC is system-wide), so that a busy parent reading
+                # late neither cuts a phase that kept to the cap nor passes one that did not
+                sent = message[3] if len(message) > 3 else time.monotonic()
+                over = sent - phase_started > allowance(phase)
+                if not over and message[0] == "phase":
+                    phases[phase] = sent - phase_started
+                    phase, phase_started, partial = message[1], sent, message[2] or partial
+                elif not over:
+                    result, phase_ended = message[1], sent
+            elif not over and not process.is_alive() and not receiver.poll(0):
                 break
+            if over:
+                timed_out, phase_ended = True, time.monotonic()
+                cut = f"{phase} ran over the {max_seconds:g} s cap"
+                result = {"status": "timeout", "error": cut} if partial is None else {
+                    "status": "ok", **partial, "cut_short": cut}
     finally:   # a timeout or an interrupt ends the child at once; a finished one exits by itself
         process.join(timeout=0 if timed_out or result is None else 5)
         if process.is_alive():
             process.kill()
         process.join()
         receiver.close()
-    phases[phase] = time.monotonic() - phase_started
+    phases[phase] = (phase_ended if result is not None else time.monotonic()) - phase_started
     if result is None:
         if process.exitcode == -9:
             result = {"status": "oom", "error": f"killed by SIGKILL during {phase} (most likely the kernel's "
@@ -122,11 +131,11 @@ def child_main(connection, job: dict) -> None:
             torch.set_num_threads(job["threads"])
         limit_memory(job.get("memory_limit_bytes"), job["device"])
         def phase(name: str, partial: dict | None = None) -> None:
-            connection.send(("phase", name, partial))
+            connection.send(("phase", name, partial, time.monotonic()))
         result = {"status": "ok", **perf_measure.JOBS[job["kind"]](job, phase)}
     except BaseException as error:   # noqa: BLE001 - every failure goes back to the parent as a result
         result = {"status": classify_failure(error), "error": f"{type(error).__name__}: {error}".strip()[:2000]}
     try:
-        connection.send(("result", result))
+        connection.send(("result", result, None, time.monotonic()))
     finally:
         connection.close()

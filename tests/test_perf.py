@@ -107,7 +107,9 @@ def test_failure_inside_the_child_comes_back_as_a_result():
     assert result["status"] == "error" and "UnpicklingError" in result["error"], result
     receiver, sender = multiprocessing.Pipe(duplex=False)
     perf_isolation.child_main(sender, {"kind": "no such job", "device": "cpu"})
-    assert receiver.recv() == ("result", {"status": "error", "error": "KeyError: 'no such job'"})
+    kind, result, _, sent = receiver.recv()
+    assert (kind, result) == ("result", {"status": "error", "error": "KeyError: 'no such job'"})
+    assert 0 <= time.monotonic() - sent < 60   # stamped with the child's monotonic clock
     assert perf_isolation.classify_failure(RuntimeError("DefaultCPUAllocator: can't allocate memory")) == "oom"
     assert perf_isolation.classify_failure(MemoryError()) == "oom"
     assert perf_isolation.classify_failure(ModelUnavailable("no package")) == "unavailable"
@@ -249,6 +251,31 @@ def test_bad_arguments_are_refused(capsys):
     if not torch.cuda.is_available():
         assert perf.main(["--device", "cuda"]) == 2
         assert "--device cuda" in capsys.readouterr().err
+
+
+def _read_late(connection, job):
+    """A stand-in child whose messages the parent reads 0.9 s after they were sent (as a busy parent may)."""
+    sent = time.monotonic() - 0.9
+    connection.send(("phase", "train", None, sent))
+    connection.send(("result", {"status": "ok", "train_seconds": [0.01]}, None, sent + 0.01))
+
+
+def _over_the_cap_but_quick_to_report(connection, job):
+    """A stand-in child whose "train" phase took 2 s by its own clock, reported at once."""
+    now = time.monotonic()
+    connection.send(("phase", "train", None, now - 2.0))
+    connection.send(("result", {"status": "ok", "train_seconds": [2.0]}, None, now))
+
+
+@pytest.mark.parametrize("child, status", [(_read_late, "ok"), (_over_the_cap_but_quick_to_report, "timeout")])
+def test_phases_are_timed_by_the_child_s_clock_not_by_when_the_parent_reads(child, status):
+    context = multiprocessing.get_context("fork")   # safe here: the child runs no torch work
+    result = perf_isolation.run_isolated(context, {}, max_seconds=0.5, load_seconds=2.0, target=child)
+    assert result["status"] == status, result
+    if status == "ok":
+        assert result["train_seconds"] == [0.01] and result["phase_seconds"]["train"] == pytest.approx(0.01)
+    else:
+        assert result["error"] == "train ran over the 0.5 s cap"
 
 
 def _compile_phase_longer_than_the_cap(connection, job):
