@@ -4,6 +4,7 @@ Pre-norm residual, as in most modern transformers:
 
     h = project_in(x) + place[t mod w_0]    # (B, C, D)  (identity when widths agree; positions="relative":
                                             #  no place term, see HNAEConfig.positions)
+        + event_count(project_in(x))        # event_counters=G > 0 only: how many events so far
     h = h + short_conv(h)                   # short_conv=k > 0 only: each step mixed with its k - 1 before
     h = h + attention(norm_attention(h))    # hierarchical, causal
     h = h + feed_forward(norm_feed_forward(h))
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from .attention import HierarchicalAttention
+from .event_count import EventCounter
 from .places import add_place_table, place_rows
 from .short_conv import ShortConv
 
@@ -31,7 +33,7 @@ class HNAEBlock(nn.Module):
                  summary_slots: int, ffn_width: int, proj_size: int = 0, bias: bool = True,
                  write_policy: tuple = (), thresholds: tuple = (), budgets: tuple = (),
                  place_rank: int | None = None, summary_pool: str = "attention", positions: str = "block",
-                 short_conv: int = 0, device=None, dtype=None) -> None:
+                 short_conv: int = 0, event_counters: int = 0, device=None, dtype=None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.project_in = (nn.Identity() if in_features == hidden_size
@@ -42,6 +44,7 @@ class HNAEBlock(nn.Module):
         if self.block_places:
             add_place_table(self, "place_embedding", (windows[0], hidden_size), place_rank, factory)  # (w_0, D)
         self.short_conv = ShortConv(hidden_size, short_conv, **factory) if short_conv else None
+        self.event_count = EventCounter(hidden_size, event_counters, **factory) if event_counters else None
         self.norm_attention = nn.LayerNorm(hidden_size, **factory)
         self.attention = HierarchicalAttention(hidden_size, num_heads, windows, summary_slots, bias=bias,
                                                write_policy=write_policy, thresholds=thresholds,
@@ -63,12 +66,17 @@ class HNAEBlock(nn.Module):
         shapes = self.attention.state_shapes()
         if self.short_conv is not None:
             shapes["conv_tail"] = (self.short_conv.kernel - 1, self.attention.d_model)
+        if self.event_count is not None:
+            shapes["event_count"] = (self.event_count.counters,)  # int64, in units of 1 / UNIT
         return shapes
 
     def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,
                       end) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, C, in_features) at positions start.. ; returns (B, C, out_features) and the state at end."""
         hidden = self.project_in(x)  # (B, C, D)
+        if self.event_count is not None:  # the gates read the input alone, not its place
+            counted, count = self.event_count.forward_chunk(hidden, state["event_count"], start, end)
+            hidden = hidden + counted
         if self.block_places:
             places = torch.arange(start, start + x.shape[1], device=x.device) % self.attention.windows[0]
             hidden = hidden + place_rows(self, "place_embedding", places)
@@ -78,6 +86,8 @@ class HNAEBlock(nn.Module):
         attended, new_state = self.attention.forward_chunk(self.norm_attention(hidden), state, start, end)
         if self.short_conv is not None:
             new_state["conv_tail"] = tail
+        if self.event_count is not None:
+            new_state["event_count"] = count
         hidden = hidden + attended
         hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))
         return self.project_out(self.norm_output(hidden)), new_state
@@ -89,6 +99,9 @@ class HNAEBlock(nn.Module):
 
         ``ring``: how the local window's slot is written (see ``HierarchicalAttention.step``)."""
         hidden = self.project_in(x)  # (B, D)
+        if self.event_count is not None:
+            counted, count = self.event_count.step(hidden, state["event_count"])
+            hidden = hidden + counted
         if self.block_places:
             hidden = hidden + place_rows(self, "place_embedding", position % self.attention.windows[0])
         if self.short_conv is not None:
@@ -98,6 +111,8 @@ class HNAEBlock(nn.Module):
                                                   completes, ring)
         if self.short_conv is not None:
             new_state["conv_tail"] = tail
+        if self.event_count is not None:
+            new_state["event_count"] = count
         hidden = hidden + attended
         hidden = hidden + self.feed_forward(self.norm_feed_forward(hidden))
         return self.project_out(self.norm_output(hidden)), new_state

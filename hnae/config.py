@@ -62,6 +62,12 @@ class HNAEConfig:
         what came just before their step, not only what the step is. Every layer then reaches
         ``k - 1`` steps further (``receptive_field`` counts them); the state keeps ``k - 1``
         inputs per layer.
+    event_counters: 0 (default) or ``G >= 1``: each layer adds to its input the features of
+        ``G`` running counts of learned events (``hnae.event_count``): a gate per counter says how
+        much each step counts, so a query can ask for "the fifth data token" when the data lie at
+        random steps among noise. The counts reach back to the stream's start (the one path past
+        the windows); add ``HNAE.count_penalty()`` to the loss, weighted, to shut the gates of
+        what the task does not need counted. The state keeps ``G`` int64 counts per layer.
     """
 
     input_size: int
@@ -83,6 +89,7 @@ class HNAEConfig:
     summary_pool: str = "attention"
     positions: str = "block"
     short_conv: int = 0
+    event_counters: int = 0
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +107,7 @@ class HNAEConfig:
         _require_int("short_conv", self.short_conv, 0)
         if self.short_conv == 1:
             raise ValueError("short_conv must be 0 (none) or a kernel of >= 2 steps, got 1")
+        _require_int("event_counters", self.event_counters, 0)
         for flag in ("bias", "batch_first", "bidirectional"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
@@ -162,7 +170,7 @@ class HNAEConfig:
     def state_signature(self) -> tuple:
         """What a streaming state must agree on to be continued by this model."""
         return (self.num_layers, self.hidden_size, self.num_heads, self.windows, self.summary_slots,
-                self.write_policy, self.threshold, self.short_conv)
+                self.write_policy, self.threshold, self.short_conv, self.event_counters)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)

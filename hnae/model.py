@@ -53,7 +53,9 @@ class HNAE(nn.Module):
         positions ("block": a place-in-block embedding; "relative": reads that say how far
         back they lie and nothing tied to where a block starts, so the model runs the same at
         lengths it was not trained at; see ``HNAEConfig``), short_conv (0, or k >= 2: a causal
-        convolution over each layer's last k inputs in front of its attention; see ``hnae.short_conv``).
+        convolution over each layer's last k inputs in front of its attention; see ``hnae.short_conv``),
+        event_counters (0, or G >= 1: learned counts of events since the stream began, read by each
+        layer; see ``hnae.event_count`` and ``count_penalty``).
 
     forward(input, state=None, lengths=None) -> (output, state). Output
     features: ``(proj_size or hidden_size) * num_directions``. Padded steps
@@ -66,18 +68,19 @@ class HNAE(nn.Module):
                  proj_size: int = 0, device=None, dtype=None, *, windows=(100, 100), num_heads=None,
                  summary_slots: int = 1, ffn_multiplier: float = 2.0, write_policy="all", threshold=None,
                  budget=None, place_rank: int | None = None, summary_pool: str = "attention",
-                 positions: str = "block", short_conv: int = 0) -> None:
+                 positions: str = "block", short_conv: int = 0, event_counters: int = 0) -> None:
         super().__init__()
         self.config = HNAEConfig(
             input_size=input_size, hidden_size=hidden_size, num_layers=num_layers, bias=bias,
             batch_first=batch_first, dropout=dropout, bidirectional=bidirectional, proj_size=proj_size,
             windows=windows, num_heads=num_heads, summary_slots=summary_slots, ffn_multiplier=ffn_multiplier,
             write_policy=write_policy, threshold=threshold, budget=budget, place_rank=place_rank,
-            summary_pool=summary_pool, positions=positions, short_conv=short_conv)
+            summary_pool=summary_pool, positions=positions, short_conv=short_conv, event_counters=event_counters)
         config = self.config
         for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
                      "bidirectional", "proj_size", "windows", "num_heads", "summary_slots", "write_policy",
-                     "threshold", "budget", "place_rank", "summary_pool", "positions", "short_conv"):
+                     "threshold", "budget", "place_rank", "summary_pool", "positions", "short_conv",
+                     "event_counters"):
             setattr(self, name, getattr(config, name))
         per_direction = proj_size or hidden_size
         self.layers = nn.ModuleList(
@@ -85,7 +88,8 @@ class HNAE(nn.Module):
                 HNAEBlock(input_size if index == 0 else per_direction * config.num_directions, hidden_size,
                           config.num_heads, config.windows, summary_slots, config.ffn_width, proj_size, bias,
                           config.write_policy, config.threshold, config.budget, config.place_rank,
-                          config.summary_pool, config.positions, config.short_conv, device=device, dtype=dtype)
+                          config.summary_pool, config.positions, config.short_conv, config.event_counters,
+                          device=device, dtype=dtype)
                 for _ in range(config.num_directions))
             for index in range(num_layers))
         self.between_layers = nn.Dropout(float(dropout))
@@ -132,6 +136,13 @@ class HNAE(nn.Module):
                  if (term := block.attention.policy.penalty()) is not None]
         return sum(terms) if terms else torch.zeros((), device=next(self.parameters()).device)
 
+    def count_penalty(self) -> torch.Tensor:
+        """The event counters' mean gate value in the last training forward (0 without any; ``step``
+        calls add to it until the next forward): add it, weighted, to the loss (``hnae.event_count``)."""
+        terms = [term for directions in self.layers for block in directions
+                 if block.event_count is not None and (term := block.event_count.penalty()) is not None]
+        return sum(terms) / len(terms) if terms else torch.zeros((), device=next(self.parameters()).device)
+
     def flatten_parameters(self) -> None:
         """No-op, for code written for nn.LSTM."""
 
@@ -149,9 +160,11 @@ class HNAE(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, input, state: HNAEState | None = None, lengths=None):
-        for directions in self.layers:  # write_penalty() covers this forward only
+        for directions in self.layers:  # write_penalty() and count_penalty() cover this forward only
             for block in directions:
                 block.attention.policy.forget()
+                if block.event_count is not None:
+                    block.event_count.forget()
         packed = isinstance(input, PackedSequence)
         if packed:
             if lengths is not None:

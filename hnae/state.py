@@ -14,6 +14,8 @@ width, ``D`` model width), named ``layer{i}.<field>``:
   keys and values of the last ``w_l`` level-``l`` summaries written, oldest first.
 - ``conv_tail`` (B, k - 1, D), only with ``short_conv=k``: the layer's last
   ``k - 1`` inputs to its short convolution, oldest first (``hnae.short_conv``).
+- ``event_count`` (B, G) float64, only with ``event_counters=G``: each learned counter's
+  running count since the stream began (``hnae.event_count``); float64 whatever the model's dtype.
 - ``written``, ``skipped`` (B, L - 1) int64: per summary level, how many
   items it has written and how many candidates its write policy skipped
   (see ``hnae.write_policy``; under ``"all"`` nothing is skipped).
@@ -54,12 +56,12 @@ def layer_state_shapes(windows: tuple[int, ...], slots: int, num_heads: int,
 
 
 COUNTERS = ("written", "skipped")
+FIXED_DTYPES = {"written": torch.int64, "skipped": torch.int64, "event_count": torch.float64}
 
 
 def fresh_layer_state(shapes: dict[str, tuple[int, ...]], batch_size: int, device, dtype) -> dict:
-    """An all-zero layer state: floating tensors in ``dtype``, counters in int64."""
-    return {name: torch.zeros(batch_size, *shape, device=device,
-                              dtype=torch.int64 if name in COUNTERS else dtype)
+    """An all-zero layer state: floating tensors in ``dtype``, except those of ``FIXED_DTYPES``."""
+    return {name: torch.zeros(batch_size, *shape, device=device, dtype=FIXED_DTYPES.get(name, dtype))
             for name, shape in shapes.items()}
 
 
@@ -118,13 +120,15 @@ class HNAEState:
                          self.signature)
 
     def to(self, *args, **kwargs) -> "HNAEState":
-        """Like ``Tensor.to``; a dtype applies to the floating tensors only."""
-        def move(tensor: torch.Tensor) -> torch.Tensor:
-            if tensor.is_floating_point():
+        """Like ``Tensor.to``; a dtype applies to the floating tensors only, not to ``FIXED_DTYPES``."""
+        def move(tensor: torch.Tensor, fixed: torch.dtype | None = None) -> torch.Tensor:
+            if tensor.is_floating_point() and fixed is None:
                 return tensor.to(*args, **kwargs)
             moved = tensor.to(*args, **kwargs)
-            return moved if not moved.is_floating_point() else tensor.to(moved.device)
-        return self._map(move)
+            return moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+        layers = [{name: move(value, FIXED_DTYPES.get(name)) for name, value in layer.items()}
+                  for layer in self.layers]
+        return HNAEState(move(self.position), layers, self.signature)
 
     def clone(self) -> "HNAEState":
         """A copy whose tensors share nothing with this one (keep it before stepping in place)."""

@@ -91,6 +91,14 @@ def setup(device: str) -> tuple[DistributedContext, torch.device]:
     return DistributedContext(rank, world_size, local_rank, started_here), chosen
 
 
+def barrier(context: DistributedContext) -> None:
+    """Wait for every rank (nothing when not distributed): ranks that end together tear down together,
+    where one that destroyed its process group while a peer still worked (rank 0 evaluating alone)
+    could abort the run at exit."""
+    if context.enabled:
+        dist.barrier()
+
+
 def teardown(context: DistributedContext) -> None:
     if context.started_here and dist.is_initialized():
         dist.destroy_process_group()

@@ -77,7 +77,8 @@ def _from_train_checkpoint(path: Path, config: dict) -> ExportSource:
                             place_rank=model_config.get("place_rank"),  # absent in older checkpoints: full tables
                             summary_pool=model_config.get("summary_pool", "attention"),  # absent: the pool before
                             positions=model_config.get("positions", "block"),  # absent: block places
-                            short_conv=model_config.get("short_conv", 0))  # absent: none
+                            short_conv=model_config.get("short_conv", 0),  # absent: none
+                            event_counters=model_config.get("event_counters", 0))  # absent: none
         model = SequenceModel(HNAEBody(encoder), model_config["width"], model_config["input_size"],
                               model_config["output_size"])
     except (TypeError, ValueError) as error:

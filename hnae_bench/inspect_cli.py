@@ -43,6 +43,7 @@ def describe(encoder: hnae.HNAE) -> dict:
         "summary_pool": config.summary_pool,
         "positions": config.positions,
         "short_conv": config.short_conv,
+        "event_counters": config.event_counters,
         "bidirectional": config.bidirectional,
         "write_policy": list(config.write_policy),  # one per summary level (1 .. L-1)
         "threshold": list(config.threshold),  # None where the level's policy is not "novelty"

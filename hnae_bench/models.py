@@ -57,6 +57,7 @@ HNAE_POOL = {'small': 'select', 'large': 'attention'}
 # (docs/RESULTS.md, "length generalisation").
 HNAE_POSITIONS = {'small': 'block', 'large': 'block'}
 HNAE_SHORT_CONV = {'small': 0, 'large': 0}  # hnae.HNAE's short_conv (`hnae train --short-conv K`)
+HNAE_EVENT_COUNTERS = {'small': 0, 'large': 0}  # hnae.HNAE's event_counters (`hnae train --event-counters G`)
 TCN_KERNEL_SIZE = 8                          # the TCN paper's kernel for the copy task
 
 @dataclass
@@ -90,6 +91,11 @@ class SequenceModel(nn.Module):
         """hnae's learned write policies' cost beyond their budget in the last forward (0 for others)."""
         encoder = getattr(self.body, 'encoder', None)
         return encoder.write_penalty() if hasattr(encoder, 'write_penalty') else 0.0
+
+    def count_penalty(self) -> torch.Tensor | float:
+        """hnae's event counters' mean gate in the last forward (0 for other models and without counters)."""
+        encoder = getattr(self.body, 'encoder', None)
+        return encoder.count_penalty() if hasattr(encoder, 'count_penalty') else 0.0
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -250,14 +256,15 @@ def hnae_windows(max_len: int, window: int = HNAE_WINDOWS['small'], first: int |
 
 
 def _recipe_hnae(task, preset, max_len, write_policy='all', threshold=None, budget=None, positions=None,
-                 short_conv=None):
+                 short_conv=None, event_counters=None):
     import hnae   # the library itself; an ImportError here is a real failure, not a missing peer
 
     windows = hnae_windows(max_len, HNAE_WINDOWS[preset], HNAE_FIRST_WINDOW[preset])
     layers, slots = HNAE_DEPTH[preset], HNAE_SLOTS[preset]
     policy = {'write_policy': write_policy, 'threshold': threshold, 'budget': budget,
               'positions': positions or HNAE_POSITIONS[preset],
-              'short_conv': HNAE_SHORT_CONV[preset] if short_conv is None else short_conv}
+              'short_conv': HNAE_SHORT_CONV[preset] if short_conv is None else short_conv,
+              'event_counters': HNAE_EVENT_COUNTERS[preset] if event_counters is None else event_counters}
 
     def make(width):
         encoder = hnae.HNAE(task.input_size, width, num_layers=layers, batch_first=True, windows=windows,
@@ -337,7 +344,8 @@ def build_model(name: str, task: Task, preset: str = 'small', max_len: int | Non
     max_len: the longest T it will see (default: task.total_length). The TCN
     sizes its receptive field and hnae its windows to cover it; xlstm and
     htransformer refuse longer inputs. Raises ModelUnavailable when a peer
-    package is missing. hnae_options (hnae only): write_policy, threshold, budget, positions, short_conv.
+    package is missing. hnae_options (hnae only): write_policy, threshold, budget, positions, short_conv,
+    event_counters.
     """
     if name not in _RECIPES:
         raise ValueError(f'unknown model name {name!r}; choose one of {MODEL_NAMES}')
@@ -351,7 +359,8 @@ def build_model(name: str, task: Task, preset: str = 'small', max_len: int | Non
         raise ValueError(f'max_len must be a positive int or None, got {max_len!r}')
 
     if hnae_options and name != 'hnae':
-        raise ValueError(f'hnae_options (write policies, positions, short_conv) apply to hnae only, not {name!r}')
+        raise ValueError(f'hnae_options (write policies, positions, short_conv, event_counters) apply to hnae only, '
+                         f'not {name!r}')
     recipe = _RECIPES[name](task, preset, max_len, **(hnae_options or {}))
 
     def assemble(width):

@@ -47,7 +47,9 @@ GRADIENT_CLIP_NORM = 1.0
 # Fields a resumed run must share with the run that wrote the checkpoint.
 RESUME_MUST_MATCH = ("task", "seq_len", "model", "preset", "batch_size", "lr", "seed", "curriculum", "ladder",
                      "task_options", "length_jitter", "lr_plateau", "positions",
-                     "short_conv")
+                     "short_conv", "event_counters", "count_penalty")
+# What a checkpoint written before a field existed trained with.
+MISSING_IN_OLDER_CHECKPOINTS = {"length_jitter": 0, "lr_plateau": 0, "count_penalty": 0.3}
 
 
 GENERALISE_SEQUENCES = 16  # sequences per --generalise length
@@ -154,7 +156,7 @@ class Trainer:
         checkpoint = load_checkpoint(path)
         saved = checkpoint.config.get("train", {})
         for name in RESUME_MUST_MATCH:
-            if saved.get(name, 0 if name in ("length_jitter", "lr_plateau") else None) != self.config.to_json()[name]:
+            if saved.get(name, MISSING_IN_OLDER_CHECKPOINTS.get(name)) != self.config.to_json()[name]:
                 raise CheckpointError(f"cannot resume {path}: it was trained with {name}={saved.get(name)!r}, "
                                  f"this run asks for {name}={self.config.to_json()[name]!r}")
         try:
@@ -200,6 +202,8 @@ class Trainer:
         x, y = self._batch(self.data_generator, task)
         output = self.wrapped(x)  # (B_rank, T, out)
         loss = task.loss(output, y) + WRITE_PENALTY_WEIGHT * self.model.write_penalty()
+        if self.config.count_penalty:
+            loss = loss + self.config.count_penalty * self.model.count_penalty()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRADIENT_CLIP_NORM)
@@ -319,6 +323,8 @@ def train(config: TrainConfig) -> TrainResult:
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     context, device = distributed.setup(config.device)
     try:
-        return Trainer(config, context, device).run()
+        result = Trainer(config, context, device).run()
+        distributed.barrier(context)
+        return result
     finally:
         distributed.teardown(context)

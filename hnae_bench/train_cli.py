@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--short-conv", type=int, default=None, metavar="K",
                       help="hnae: a causal convolution over each layer's last K inputs in front of its attention "
                       "(0: none); default: the preset's")
+    what.add_argument("--event-counters", type=int, default=None, metavar="G",
+                      help="hnae: G learned counts of events since the start, read by each layer (selective copy "
+                      "needs them: the k-th data token among noise); 0: none; default: the preset's")
+    what.add_argument("--count-penalty", type=float, default=DEFAULTS.count_penalty, metavar="W",
+                      help="hnae with event counters: weight of the mean gate in the loss (shuts the gates of what "
+                      "the task needs no count of)")
     how = parser.add_argument_group("how long and how")
     how.add_argument("--steps", type=int, default=None, help="stop after this many optimizer steps")
     how.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
@@ -97,7 +103,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         progress=not args.no_progress, task_options=dict(args.task_option), stop_when_solved=args.stop_when_solved,
         write_policy=args.write_policy, threshold=args.threshold, budget=args.budget, generalise=args.generalise,
         length_jitter=args.length_jitter, lr_plateau=args.lr_plateau, positions=args.positions,
-        short_conv=args.short_conv)
+        short_conv=args.short_conv, event_counters=args.event_counters, count_penalty=args.count_penalty)
 
 
 def main(argv: list[str]) -> int:

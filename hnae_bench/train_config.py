@@ -60,6 +60,9 @@ class TrainConfig:
     lr_plateau: int = 0
     positions: str | None = None  # hnae only: "block" or "relative" (hnae.HNAEConfig); None: the preset's
     short_conv: int | None = None  # hnae only: each layer's short convolution kernel (0: none); None: the preset's
+    event_counters: int | None = None  # hnae only: each layer's learned event counters (0: none); None: the preset's
+    # hnae with event counters: the weight of HNAE.count_penalty() (the mean gate) in the loss
+    count_penalty: float = 0.3
 
     def __post_init__(self):
         for name, choices in (("task", TASK_NAMES), ("model", MODEL_NAMES), ("preset", PRESETS)):
@@ -98,13 +101,20 @@ class TrainConfig:
             self.ladder = tuple(self.ladder)
         build_ladder(self.seq_len, self.curriculum, self.ladder)  # validates ladder
         if self.hnae_options() and self.model != "hnae":
-            raise ValueError(f"write_policy, threshold, budget, positions and short_conv apply to hnae only, "
+            raise ValueError(f"write_policy, threshold, budget, positions, short_conv and event_counters apply to "
+                             f"hnae only, "
                              f"not {self.model!r}")
         if self.positions is not None and self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS} or None, got {self.positions!r}")
         if self.short_conv is not None and (isinstance(self.short_conv, bool) or not isinstance(self.short_conv, int)
                                             or self.short_conv < 0 or self.short_conv == 1):
             raise ValueError(f"short_conv must be None, 0 or a kernel >= 2, got {self.short_conv!r}")
+        if self.event_counters is not None and (isinstance(self.event_counters, bool)
+                                                or not isinstance(self.event_counters, int) or self.event_counters < 0):
+            raise ValueError(f"event_counters must be None or an int >= 0, got {self.event_counters!r}")
+        if (isinstance(self.count_penalty, bool) or not isinstance(self.count_penalty, (int, float))
+                or not 0 <= self.count_penalty < math.inf):
+            raise ValueError(f"count_penalty must be a finite number >= 0, got {self.count_penalty!r}")
         if self.hnae_options():
             from hnae.write_policy import normalise_policy
             normalise_policy(self.write_policy, self.threshold, self.budget, 2)  # refuses bad values by name
@@ -113,7 +123,8 @@ class TrainConfig:
             _positive_int("generalise", length)
 
     def hnae_options(self) -> dict:
-        """hnae's write-policy, positions and short_conv arguments, or {} when they are all the defaults."""
+        """hnae's write-policy, positions, short_conv and event_counters arguments, or {} when they are all
+        the defaults."""
         options = {"write_policy": self.write_policy, "threshold": self.threshold, "budget": self.budget}
         if options == {"write_policy": "all", "threshold": None, "budget": None}:
             options = {}
@@ -121,6 +132,8 @@ class TrainConfig:
             options["positions"] = self.positions
         if self.short_conv is not None:
             options["short_conv"] = self.short_conv
+        if self.event_counters is not None:
+            options["event_counters"] = self.event_counters
         return options
 
     def to_json(self) -> dict:

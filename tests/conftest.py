@@ -17,6 +17,8 @@ def tiny_model(windows=(4, 4), num_layers=1, hidden_size=16, input_size=5, dtype
         for block in directions:
             if block.short_conv is not None:
                 torch.nn.init.normal_(block.short_conv.weight, std=0.5)
+            if block.event_count is not None:  # gates start half open everywhere: make them differ
+                torch.nn.init.normal_(block.event_count.gate.weight, std=0.1)
     return model.to(dtype).eval()
 
 

@@ -1,4 +1,5 @@
-"""Options of `hnae train`: `lr_plateau` (the rate halves when the last rung stops improving), `positions` and `short_conv`."""
+"""Options of `hnae train`: `lr_plateau` (the rate halves when the last rung stops improving), `positions`,
+`short_conv` and `event_counters`."""
 import json
 
 import pytest
@@ -112,3 +113,33 @@ def test_short_conv_reaches_the_hnae_model_is_rebuilt_and_resume_must_match(tmp_
             tiny(model="hnae", short_conv=bad)
     with pytest.raises(ValueError, match="hnae only"):
         tiny(short_conv=4)  # the tiny config's model is the LSTM
+
+
+def test_event_counters_reach_the_hnae_model_train_their_gates_and_resume_must_match(tmp_path):
+    """`--event-counters G`: every layer gets G counters, the loss carries --count-penalty times the mean
+    gate (which moves the gates' biases down), the checkpoint rebuilds the same model, and a resume that
+    asks for another count or penalty is refused."""
+    from hnae_bench.checkpoint import CheckpointError
+    from hnae_bench.export import load_source
+    settings = dict(model="hnae", steps=2, out=str(tmp_path), checkpoint_every=2)
+    result = train(tiny(event_counters=3, count_penalty=5.0, **settings))
+    assert result.model.model_config["event_counters"] == 3
+    biases = [p for name, p in result.model.named_parameters() if name.endswith("event_count.gate.bias")]
+    assert len(biases) == result.model.model_config["num_layers"] and all(b.shape == (3,) for b in biases)
+    assert all((b < 0).all() for b in biases)  # from zero: the penalty shut the gates a little
+    rebuilt = load_source(tmp_path).model
+    x = torch.randn(2, 25, rebuilt.body.encoder.input_size)
+    result.model.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), result.model(x))
+    with pytest.raises(CheckpointError, match="event_counters"):
+        train(tiny(event_counters=0, count_penalty=5.0, resume=True, **{**settings, "steps": 4}))
+    with pytest.raises(CheckpointError, match="count_penalty"):
+        train(tiny(event_counters=3, resume=True, **{**settings, "steps": 4}))
+    for bad, name in ((-1, "event_counters"), (True, "event_counters")):
+        with pytest.raises(ValueError, match=name):
+            tiny(model="hnae", event_counters=bad)
+    with pytest.raises(ValueError, match="count_penalty"):
+        tiny(model="hnae", count_penalty=-1.0)
+    with pytest.raises(ValueError, match="hnae only"):
+        tiny(event_counters=2)  # the tiny config's model is the LSTM
