@@ -1,6 +1,6 @@
 """Event counters: each layer learns which steps are events and reads how many it has seen.
 
-    e[t]     = 1 if gate(h[t]) > 0 else 0               (B, C, G)  G counters; h: the layer's input
+    e[t]     = 1 if gate(norm(h[t])) > 0 else 0         (B, C, G)  G counters; h: the layer's input
     count[t] = count[start - 1] + sum_{s <= t} e[s]     (B, C, G)  events since the stream began
     out[t]   = read(cos, sin of 2 pi * m * count[t] / PERIOD, m in MULTIPLIERS)   (B, C, D)
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PERIOD = 64                  # the features repeat every PERIOD counted events
@@ -42,7 +43,7 @@ class EventCounter(nn.Module):
         if counters < 1:
             raise ValueError(f"EventCounter needs counters >= 1, got {counters}")
         factory = {"device": device, "dtype": dtype}
-        self.counters = counters
+        self.counters, self.width = counters, d_model
         self.gate = nn.Linear(d_model, counters, **factory)  # starts at zero: shut, on the edge
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
@@ -67,7 +68,9 @@ class EventCounter(nn.Module):
 
     def _gates(self, h: torch.Tensor) -> torch.Tensor:
         """(..., D) -> the events (..., G): 0 or 1 in value, the soft gate's gradient."""
-        logits = self.gate(h)
+        # normalised (no parameters): each token's logit moves as fast as the shared bias under Adam,
+        # so the count penalty cannot shut every gate before the task has opened the ones it needs
+        logits = self.gate(F.layer_norm(h, (self.width,)))
         soft = torch.sigmoid(GATE_GAIN * logits)
         self._remember(soft)
         return (logits > 0).to(soft.dtype) + (soft - soft.detach())

@@ -106,7 +106,9 @@ class HNAE(nn.Module):
 
         Every output of one layer sees at least the last prod(windows) inputs;
         this is the maximum over positions for the whole stack (one side, for
-        bidirectional models).
+        bidirectional models). Event counters (``event_counters``) are the exception:
+        a count moves with every event since the stream began; this is the reach of
+        everything else.
         """
         return receptive_field(self.windows, self.num_layers, self.short_conv)
 

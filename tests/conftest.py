@@ -1,5 +1,7 @@
 """Shared helpers for the tests: tiny models, deterministic inputs."""
 
+import random
+
 import pytest
 import torch
 
@@ -17,8 +19,8 @@ def tiny_model(windows=(4, 4), num_layers=1, hidden_size=16, input_size=5, dtype
         for block in directions:
             if block.short_conv is not None:
                 torch.nn.init.normal_(block.short_conv.weight, std=0.5)
-            if block.event_count is not None:  # gates start half open everywhere: make them differ
-                torch.nn.init.normal_(block.event_count.gate.weight, std=0.1)
+            if block.event_count is not None:  # gates start shut everywhere (zero logits): open some
+                torch.nn.init.normal_(block.event_count.gate.weight, std=0.5)
     return model.to(dtype).eval()
 
 
@@ -65,3 +67,63 @@ def assert_steps_equal_parallel(model, x, tolerance=1e-5):
     assert (torch.stack(stepped, dim=1) - whole).abs().max().item() <= tolerance
     compiled, _ = stream_compiled(model, x)
     assert (compiled - whole).abs().max().item() <= tolerance
+
+
+def chunk_plan(name):
+    """Chunk sizes by name: "1", "3" or "random" (sizes 1-11, the same every run)."""
+    return {"1": [1], "3": [3], "random": [random.Random(5).randint(1, 11) for _ in range(60)]}[name]
+
+
+def assert_chunked_equals_parallel(model, x, plan, tolerance=1e-5):
+    """x fed in the chunks of ``chunk_plan(plan)`` gives one call's outputs and state; returns that state."""
+    with torch.no_grad():
+        whole, whole_state = model(x)
+        chunked, chunked_state = run_in_chunks(model, x, chunk_plan(plan))
+    assert (whole - chunked).abs().max().item() <= tolerance
+    for name, a, b in zip(whole_state.names(), whole_state.tensors(), chunked_state.tensors()):
+        assert (a.double() - b.double()).abs().max().item() <= tolerance, name
+    return whole_state
+
+
+def assert_padded_streams_run_alone(model, tolerance=1e-5):
+    """A padded batch (lengths 30, 13, 2) gives each stream's outputs alone, zeros after its end, and a
+    state that continues each stream exactly."""
+    features = model.input_size
+    x, more = random_input(3, 30, features), random_input(3, 7, features, seed=2)
+    lengths = torch.tensor([30, 13, 2])
+    with torch.no_grad():
+        padded, state = model(x, lengths=lengths)
+        continued, _ = model(more, state)
+        for b, length in enumerate(lengths.tolist()):
+            alone, _ = model(x[b:b + 1, :length])
+            assert (padded[b, :length] - alone[0]).abs().max() <= tolerance
+            if length < 30:
+                assert padded[b, length:].abs().max() == 0
+            joined, _ = model(torch.cat([x[b:b + 1, :length], more[b:b + 1]], dim=1))
+            assert (continued[b] - joined[0, length:]).abs().max() <= tolerance
+
+
+def assert_future_never_changes_past(model, steps=40):
+    """Changing the inputs after t (by a lot) leaves the outputs up to t bit for bit, for t every 3 steps."""
+    x = random_input(1, steps, model.input_size)
+    with torch.no_grad():
+        reference, _ = model(x)
+        for t in range(0, steps - 1, 3):
+            changed = x.clone()
+            changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:]) * 10
+            assert torch.equal(model(changed)[0][:, :t + 1], reference[:, :t + 1]), t
+    return x
+
+
+def assert_round_trip_and_foreign_state_refused(model, plain, directory):
+    """``model`` saved and loaded computes the same; a state of ``plain`` (another configuration) is
+    refused by name. Returns the loaded model."""
+    model.save_pretrained(directory)
+    loaded = hnae.HNAE.from_pretrained(directory)
+    x = random_input(1, 20, model.input_size)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], model(x)[0])
+        _, state = plain(x)
+        with pytest.raises(ValueError, match="another model configuration"):
+            model(x, state)
+    return loaded

@@ -1,11 +1,11 @@
 """event_counters=G: learned counts of events since the stream began, exact in every mode."""
-import random
-
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hnae
-from conftest import assert_steps_equal_parallel, random_input, run_in_chunks, tiny_model
+from conftest import (assert_chunked_equals_parallel, assert_future_never_changes_past,
+                      assert_padded_streams_run_alone, assert_round_trip_and_foreign_state_refused, assert_steps_equal_parallel, random_input, tiny_model)
 from hnae.event_count import EventCounter
 
 TOLERANCE = 1e-5
@@ -51,24 +51,14 @@ def test_the_count_stops_at_each_streams_end():
     assert torch.allclose(count[:, 0], torch.tensor([13.0, 8.0, 5.0], dtype=torch.float64), atol=1e-6)
 
 
-def chunk_plan(name):
-    return {"1": [1], "3": [3], "random": [random.Random(5).randint(1, 11) for _ in range(60)]}[name]
-
-
 @pytest.mark.parametrize("windows,num_layers", [((4, 4), 2), ((7, 5, 3), 2), ((5, 3), 1)])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("plan", ["1", "3", "random"])
 def test_streaming_equals_parallel(windows, num_layers, variant, plan):
     model = tiny_model(windows, num_layers, event_counters=3, **VARIANTS[variant])
-    x = random_input(2, 3 * model.receptive_field + 5, 5)
-    with torch.no_grad():
-        whole, whole_state = model(x)
-        chunked, chunked_state = run_in_chunks(model, x, chunk_plan(plan))
-    assert (whole - chunked).abs().max().item() <= TOLERANCE
-    for name, a, b in zip(whole_state.names(), whole_state.tensors(), chunked_state.tensors()):
-        assert (a.double() - b.double()).abs().max().item() <= TOLERANCE, name
-    assert whole_state.layers[0]["event_count"].dtype == torch.float64
-    assert whole_state.layers[0]["event_count"].min() > 0  # the gates counted something
+    state = assert_chunked_equals_parallel(model, random_input(2, 3 * model.receptive_field + 5, 5), plan, TOLERANCE)
+    assert state.layers[0]["event_count"].dtype == torch.float64
+    assert state.layers[0]["event_count"].max() > 0  # the gates counted something
 
 
 def test_single_steps_and_compiled_steps_equal_parallel():
@@ -77,28 +67,11 @@ def test_single_steps_and_compiled_steps_equal_parallel():
 
 
 def test_padded_streams_equal_each_stream_alone_and_continue_exactly():
-    model = tiny_model((4, 3), 2, event_counters=2)
-    x, more = random_input(3, 30, 5), random_input(3, 7, 5, seed=2)
-    lengths = torch.tensor([30, 13, 2])
-    with torch.no_grad():
-        padded, state = model(x, lengths=lengths)
-        continued, _ = model(more, state)
-        for b, length in enumerate(lengths.tolist()):
-            alone, _ = model(x[b:b + 1, :length])
-            assert (padded[b, :length] - alone[0]).abs().max() <= TOLERANCE
-            joined, _ = model(torch.cat([x[b:b + 1, :length], more[b:b + 1]], dim=1))
-            assert (continued[b] - joined[0, length:]).abs().max() <= TOLERANCE
+    assert_padded_streams_run_alone(tiny_model((4, 3), 2, event_counters=2), TOLERANCE)
 
 
 def test_future_inputs_never_change_past_outputs():
-    model = tiny_model((4, 3), 2, event_counters=2)
-    x = random_input(1, 40, 5)
-    with torch.no_grad():
-        reference, _ = model(x)
-        for t in range(0, 39, 3):
-            changed = x.clone()
-            changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:]) * 10
-            assert torch.equal(model(changed)[0][:, :t + 1], reference[:, :t + 1]), t
+    assert_future_never_changes_past(tiny_model((4, 3), 2, event_counters=2))
 
 
 def test_the_count_reaches_past_the_windows_only_through_an_open_gate():
@@ -106,9 +79,11 @@ def test_the_count_reaches_past_the_windows_only_through_an_open_gate():
     and so the output; a step whose gate is shut there changes nothing."""
     model = tiny_model((3, 2), 1, input_size=4, event_counters=1).double()
     counter = model.layers[0][0].event_count
-    with torch.no_grad():  # input_size 4 != hidden 16: the gate reads project_in(x); make it see feature 2
-        counter.gate.weight.copy_(4.0 * torch.linalg.pinv(model.layers[0][0].project_in.weight)[2:3])
-        counter.gate.bias.copy_(-2.0 - counter.gate.weight[0] @ model.layers[0][0].project_in.bias)
+    with torch.no_grad():  # a gate open on feature 2 alone, among the inputs this test feeds
+        kinds = F.layer_norm(model.layers[0][0].project_in(torch.eye(4, dtype=torch.float64)), (16,))  # (4, D)
+        wanted = torch.tensor([-2.0, -2.0, 2.0, -2.0], dtype=torch.float64)  # logits per kind of input
+        counter.gate.weight.copy_((torch.linalg.pinv(kinds) @ wanted).unsqueeze(0))
+        counter.gate.bias.zero_()
     steps = 3 * model.receptive_field
     quiet = torch.zeros(1, steps, 4, dtype=torch.float64)
     quiet[:, :, 0] = 1.0  # noise: feature 0, gate shut
@@ -129,7 +104,7 @@ def test_the_penalty_is_the_mean_gate_and_its_gradient_shuts_the_gates():
     x = random_input(2, 20, 5)
     model(x)
     first = model.layers[0][0]
-    gates = torch.sigmoid(10 * first.event_count.gate(first.project_in(x)))  # (B, T, G): the first layer's
+    gates = torch.sigmoid(10 * first.event_count.gate(F.layer_norm(first.project_in(x), (16,))))  # (B, T, G)
     assert torch.allclose(first.event_count.penalty(), gates.mean(), atol=1e-6)  # the soft gates' mean
     penalty = model.count_penalty()
     layers = [directions[0].event_count.penalty() for directions in model.layers]
@@ -154,16 +129,9 @@ def test_counts_are_whole_numbers_and_the_gradient_reaches_the_gates_through_the
 
 
 def test_saved_loaded_and_a_state_without_counters_refused(tmp_path):
-    model = tiny_model((4, 3), 2, event_counters=2)
-    model.save_pretrained(tmp_path / "saved")
-    loaded = hnae.HNAE.from_pretrained(tmp_path / "saved")
+    loaded = assert_round_trip_and_foreign_state_refused(tiny_model((4, 3), 2, event_counters=2), tiny_model((4, 3), 2),
+                                                         tmp_path / "saved")
     assert loaded.config.event_counters == 2
-    x = random_input(1, 20, 5)
-    with torch.no_grad():
-        assert torch.equal(loaded(x)[0], model(x)[0])
-        _, state = tiny_model((4, 3), 2)(x)
-        with pytest.raises(ValueError, match="another model configuration"):
-            model(x, state)
 
 
 @pytest.mark.parametrize("value, error", [(-1, ValueError), (2.0, TypeError), (True, TypeError)])

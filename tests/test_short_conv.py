@@ -1,11 +1,10 @@
 """short_conv=k: a causal depthwise convolution over each layer's last k inputs, exact in every mode."""
-import random
-
 import pytest
 import torch
 
 import hnae
-from conftest import assert_steps_equal_parallel, random_input, run_in_chunks, tiny_model
+from conftest import (assert_chunked_equals_parallel, assert_future_never_changes_past,
+                      assert_padded_streams_run_alone, assert_round_trip_and_foreign_state_refused, assert_steps_equal_parallel, random_input, tiny_model)
 from hnae.short_conv import ShortConv
 
 TOLERANCE = 1e-5
@@ -45,23 +44,13 @@ def test_the_tail_stops_at_each_streams_end():
     assert torch.equal(tail[2, 1], h[2, 0])  # one step in: the newest is its first input
 
 
-def chunk_plan(name):
-    return {"1": [1], "3": [3], "random": [random.Random(5).randint(1, 11) for _ in range(60)]}[name]
-
-
 @pytest.mark.parametrize("windows,num_layers", [((4, 4), 2), ((7, 5, 3), 2), ((5, 3), 1)])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("plan", ["1", "3", "random"])
 def test_streaming_equals_parallel(windows, num_layers, variant, plan):
     model = tiny_model(windows, num_layers, short_conv=3, **VARIANTS[variant])
-    x = random_input(2, 3 * model.receptive_field + 5, 5)
-    with torch.no_grad():
-        whole, whole_state = model(x)
-        chunked, chunked_state = run_in_chunks(model, x, chunk_plan(plan))
-    assert (whole - chunked).abs().max().item() <= TOLERANCE
-    for name, a, b in zip(whole_state.names(), whole_state.tensors(), chunked_state.tensors()):
-        assert (a.double() - b.double()).abs().max().item() <= TOLERANCE, name
-    assert "layer0.conv_tail" in whole_state.names()
+    state = assert_chunked_equals_parallel(model, random_input(2, 3 * model.receptive_field + 5, 5), plan, TOLERANCE)
+    assert "layer0.conv_tail" in state.names()
 
 
 @pytest.mark.parametrize("variant", ["attention", "novelty"])
@@ -71,30 +60,11 @@ def test_single_steps_and_compiled_steps_equal_parallel(variant):
 
 
 def test_padded_streams_equal_each_stream_alone_and_continue_exactly():
-    model = tiny_model((4, 3), 2, short_conv=5)
-    x, more = random_input(3, 30, 5), random_input(3, 7, 5, seed=2)
-    lengths = torch.tensor([30, 13, 2])
-    with torch.no_grad():
-        padded, state = model(x, lengths=lengths)
-        continued, _ = model(more, state)
-        for b, length in enumerate(lengths.tolist()):
-            alone, _ = model(x[b:b + 1, :length])
-            assert (padded[b, :length] - alone[0]).abs().max() <= TOLERANCE
-            if length < 30:
-                assert padded[b, length:].abs().max() == 0
-            joined, _ = model(torch.cat([x[b:b + 1, :length], more[b:b + 1]], dim=1))
-            assert (continued[b] - joined[0, length:]).abs().max() <= TOLERANCE
+    assert_padded_streams_run_alone(tiny_model((4, 3), 2, short_conv=5), TOLERANCE)
 
 
 def test_future_inputs_never_change_past_outputs_and_bidirectional_sees_both_sides():
-    model = tiny_model((4, 3), 2, short_conv=4)
-    x = random_input(1, 40, 5)
-    with torch.no_grad():
-        reference, _ = model(x)
-        for t in range(0, 39, 3):
-            changed = x.clone()
-            changed[:, t + 1:] = torch.randn_like(changed[:, t + 1:]) * 10
-            assert torch.equal(model(changed)[0][:, :t + 1], reference[:, :t + 1]), t
+    x = assert_future_never_changes_past(tiny_model((4, 3), 2, short_conv=4))
     both = tiny_model((4, 3), 2, short_conv=4, bidirectional=True)
     with torch.no_grad():
         out, _ = both(x)
@@ -120,16 +90,9 @@ def test_it_starts_as_the_model_without_it():
 
 
 def test_saved_loaded_and_a_state_of_another_kernel_refused(tmp_path):
-    model = tiny_model((4, 3), 2, short_conv=3)
-    model.save_pretrained(tmp_path / "saved")
-    loaded = hnae.HNAE.from_pretrained(tmp_path / "saved")
+    loaded = assert_round_trip_and_foreign_state_refused(tiny_model((4, 3), 2, short_conv=3), tiny_model((4, 3), 2),
+                                                         tmp_path / "saved")
     assert loaded.config.short_conv == 3
-    x = random_input(1, 20, 5)
-    with torch.no_grad():
-        assert torch.equal(loaded(x)[0], model(x)[0])
-        _, state = tiny_model((4, 3), 2)(x)
-        with pytest.raises(ValueError, match="another model configuration"):
-            model(x, state)
 
 
 @pytest.mark.parametrize("value, error", [(1, ValueError), (-2, ValueError), (2.0, TypeError), (True, TypeError)])
