@@ -10,6 +10,7 @@
 #   copy10000jitter the same with lengths jittered over a block
 #   selective      selective_copy at length 4096 (Mamba's task, 99.8%)
 #   selectiveladder the same, climbing a ladder of data-region lengths
+#   selectivecount  selective_copy climbing 128 .. 4096 with 4 event counters per layer (hnae.event_count)
 #   adding600      adding climbing to T=600 (the TCN paper's best MSE is 5.3e-5)
 #
 #   OUT=runs/gpu-long SECONDS_BUDGET=360 RUNS='copy1000 adding600' bash scripts/gpu_long_check.sh   (RUNS: default all;
@@ -34,7 +35,7 @@ run() {  # name, then the train arguments
         > "$OUT_DIR/$name.log" 2>&1
     echo "== $name (exit $?)"; tail -4 "$OUT_DIR/$name.log"
 }
-RUNS="${RUNS:-copy1000 copy1000relative copy10000 copy10000jitter selective selectiveladder adding600}"
+RUNS="${RUNS:-copy1000 copy1000relative copy10000 copy10000jitter selectivecount adding600}"
 for name in $RUNS; do
     case "$name" in
         copy1000) run copy1000 --task copy --seq-len 1000 --curriculum "${slow[@]}" "${generalise[@]}" & ;;
@@ -45,6 +46,8 @@ for name in $RUNS; do
             --stop-when-solved & ;;
         selective) run selective --task selective_copy --seq-len 4096 "${slow[@]}" & ;;
         selectiveladder) run selectiveladder --task selective_copy --seq-len 4096 --curriculum "${slow[@]}" & ;;
+        selectivecount) run selectivecount --task selective_copy --seq-len 4096 --event-counters 4 --curriculum \
+            --ladder 128,256,512,1024,2048,4096 "${slow[@]}" & ;;
         adding600) run adding600 --task adding --seq-len 600 --curriculum "${slow[@]}" & ;;
         *) echo "unknown run: $name" >&2 ;;
     esac

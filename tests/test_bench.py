@@ -222,3 +222,22 @@ def test_streaming_check_detects_a_model_whose_streaming_differs():
     assert not bad["equal"] and bad["max_abs_difference"] == pytest.approx(1e-3, rel=1e-3)
     assert streaming_check(build_model("lstm", make_task("copy", 30), "small"), "copy", 30) == {
         "skipped": "the model cannot stream"}
+
+
+def test_the_race_gives_hnae_event_counters_on_selective_copy_and_no_other_model(monkeypatch, tmp_path):
+    configs = []
+
+    def record(config):
+        configs.append(config)
+        raise RuntimeError("not trained in this test")
+
+    monkeypatch.setattr(bench, "train", record)
+    settings = {"ladders": {"selective_copy": [32], "copy": [10]}, "task_options": {}, "models": ["hnae", "lstm"],
+                "time_budget": 1.0, "preset": "small", "steps": None, "batch_size": 4, "lr": 1e-3, "seed": 0,
+                "device": "cpu", "eval_every": 1, "eval_batches": 1, "progress": False}
+    for task in ("selective_copy", "copy"):
+        race = {"models": {}}
+        bench.run_race(task, settings, tmp_path, lambda text: None, race, {})
+        assert race["models"]["hnae"]["status"] == "error"  # the stand-in's, reported and gone past
+    assert [(c.task, c.model, c.event_counters) for c in configs] == [
+        ("selective_copy", "hnae", 4), ("selective_copy", "lstm", None), ("copy", "hnae", None), ("copy", "lstm", None)]
