@@ -95,3 +95,18 @@ def test_the_committed_adding_model_beats_the_tcn_papers_best_mse(tmp_path):
     (record,) = json.loads(out.read_text())["records"]
     assert json.loads((checkpoint / "config.json").read_text())["train"]["task"] == "adding"
     assert record["metrics"]["mse"] < 5.3e-5
+
+
+def test_the_committed_selective_copy_model_beats_mambas_figure_at_4096(tmp_path):
+    """docs/RESULTS.md, selective copy on the CPU: 4 event counters per layer, trained up a ladder to
+    T = 4096, copies the 16 tokens at >= 99.8% (the Mamba paper's figure) on held-out sequences. It
+    fails if the model's computation (the counts included) changes under its weights."""
+    from pathlib import Path
+    checkpoint = Path(__file__).resolve().parents[1] / "docs/cpu/selective-2026-11-28/model"
+    out = tmp_path / "records.json"
+    assert main(["--checkpoint", str(checkpoint), "--seq-lens", "4096", "--sequences", "64", "--no-progress",
+                 "--json", str(out)]) == 0
+    (record,) = json.loads(out.read_text())["records"]
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["train"]["task"] == "selective_copy" and config["model_config"]["event_counters"] == 4
+    assert record["metrics"]["accuracy"] >= 0.998
