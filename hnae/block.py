@@ -67,7 +67,7 @@ class HNAEBlock(nn.Module):
         if self.short_conv is not None:
             shapes["conv_tail"] = (self.short_conv.kernel - 1, self.attention.d_model)
         if self.event_count is not None:
-            shapes["event_count"] = (self.event_count.counters,)  # int64, in units of 1 / UNIT
+            shapes["event_count"] = (self.event_count.counters,)  # float64 whole-number counts
         return shapes
 
     def forward_chunk(self, x: torch.Tensor, state: dict[str, torch.Tensor], start: int,

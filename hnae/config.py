@@ -63,11 +63,11 @@ class HNAEConfig:
         ``k - 1`` steps further (``receptive_field`` counts them); the state keeps ``k - 1``
         inputs per layer.
     event_counters: 0 (default) or ``G >= 1``: each layer adds to its input the features of
-        ``G`` running counts of learned events (``hnae.event_count``): a gate per counter says how
-        much each step counts, so a query can ask for "the fifth data token" when the data lie at
-        random steps among noise. The counts reach back to the stream's start (the one path past
+        ``G`` running counts of learned events (``hnae.event_count``): a gate per counter decides
+        whether each step counts, so a query can ask for "the fifth data token" when the data lie
+        at random steps among noise. The counts reach back to the stream's start (the one path past
         the windows); add ``HNAE.count_penalty()`` to the loss, weighted, to shut the gates of
-        what the task does not need counted. The state keeps ``G`` int64 counts per layer.
+        what the task does not need counted. The state keeps ``G`` float64 counts per layer.
     """
 
     input_size: int

@@ -139,7 +139,7 @@ class HNAE(nn.Module):
         return sum(terms) if terms else torch.zeros((), device=next(self.parameters()).device)
 
     def count_penalty(self) -> torch.Tensor:
-        """The event counters' mean gate value in the last training forward (0 without any; ``step``
+        """The event counters' mean soft gate in the last training forward (0 without any; ``step``
         calls add to it until the next forward): add it, weighted, to the loss (``hnae.event_count``)."""
         terms = [term for directions in self.layers for block in directions
                  if block.event_count is not None and (term := block.event_count.penalty()) is not None]
