@@ -150,3 +150,25 @@ def test_the_onnx_step_carries_the_counts_and_matches_pytorch(tmp_path):
                         "--chunk-size", "3", "--verify-steps", "60"]) == 0
     streamer = OnnxStreamer(tmp_path / "step.onnx")
     assert "layer1_event_count" in [i.name for i in streamer.state_inputs]
+
+
+def test_bidirectional_counts_each_direction_and_padding_never_leaks():
+    model = tiny_model((4, 3), 2, event_counters=2, bidirectional=True)
+    x = random_input(1, 40, 5)
+    with torch.no_grad():
+        out, _ = model(x)
+        cut, _ = model(x, lengths=torch.tensor([25]))
+        alone, _ = model(x[:, :25])
+        later = x.clone()
+        later[:, 30:] = 0.0
+        changed, _ = model(later)
+    assert out.shape == (1, 40, 32) and (cut[:, :25] - alone).abs().max() <= TOLERANCE
+    assert (changed[:, :5, 16:] - out[:, :5, 16:]).abs().max() > 0  # the backward direction sees the future
+
+
+def test_a_state_keeps_its_counts_in_float64_whatever_the_model_dtype():
+    model = tiny_model((4, 3), 1, event_counters=2, dtype=torch.bfloat16)
+    _, state = model(random_input(1, 12, 5, dtype=torch.bfloat16))
+    assert state.layers[0]["event_count"].dtype == torch.float64
+    assert state.to(torch.float32).layers[0]["event_count"].dtype == torch.float64
+    assert state.layers[0]["local_keys"].dtype == torch.bfloat16
