@@ -55,7 +55,7 @@ def layer_state_shapes(windows: tuple[int, ...], slots: int, num_heads: int,
     return shapes
 
 
-COUNTERS = ("written", "skipped")
+# state fields whose dtype is not the model's: the counters of written and skipped summaries, the event counts
 FIXED_DTYPES = {"written": torch.int64, "skipped": torch.int64, "event_count": torch.float64}
 
 

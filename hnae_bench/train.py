@@ -49,7 +49,7 @@ RESUME_MUST_MATCH = ("task", "seq_len", "model", "preset", "batch_size", "lr", "
                      "task_options", "length_jitter", "lr_plateau", "positions",
                      "short_conv", "event_counters", "count_penalty")
 # What a checkpoint written before a field existed trained with.
-MISSING_IN_OLDER_CHECKPOINTS = {"length_jitter": 0, "lr_plateau": 0, "count_penalty": 0.3}
+MISSING_IN_OLDER_CHECKPOINTS = {"length_jitter": 0, "lr_plateau": 0, "count_penalty": TrainConfig.count_penalty}
 
 
 GENERALISE_SEQUENCES = 16  # sequences per --generalise length
