@@ -40,7 +40,7 @@ from .pooling import POOLS
 from .rotary import PeriodicRotary
 from .reach import level_spans
 from .state import layer_state_shapes
-from .windows import (RING_WRITES, each_slot, local_oldest_first, ring_from_ordered, ring_write,
+from .windows import (RING_WRITES, each_slot, items_complete, local_oldest_first, ring_from_ordered, ring_write,
                       take_windows, times_shared)
 from .write_policy import WritePolicy
 
@@ -227,7 +227,7 @@ class HierarchicalAttention(nn.Module):
             value_items = torch.cat([state[f"memory_values_{level}"].view(stored_shape), new_values], dim=2)
             stream_start = first_new - level_width  # absolute index of key_items[:, :, 0]
 
-            visible = block_index * w0 // span  # (Q,) level-l items complete when each query's block starts
+            visible = items_complete(rows_start, num_queries, rows, span, device)  # (Q,) complete at each query
             # Window entries older than the stream's first item are masked for every block: leave
             # them out (at the start of a stream whole levels are empty). Exact: they weigh 0.
             kept = min(level_width, last_block * w0 // span)  # may be 0: empty parts keep

@@ -75,3 +75,16 @@ def ring_write(ring: torch.Tensor, slot: torch.Tensor, item: torch.Tensor, in_pl
     item = item.to(ring.dtype)
     index = slot.view(-1, 1, 1, 1).expand_as(item)
     return ring.scatter_(2, index, item) if in_place else ring.scatter(2, index, item)
+
+
+
+def items_complete(first: int, count: int, step: int, span: int, device) -> torch.Tensor:
+    """(count,) how many items of ``span`` steps each are complete at positions first, first + step, ...
+
+    Built from Python integers under ``torch.compile``: torch 2.13's CPU inductor miscompiled the
+    tensor form (``arange`` times ``step``, floor-divided, feeding an ``index_select``): it filled
+    16 of 22 indices with one constant, read the rest uninitialised, and a training call aborted.
+    """
+    if torch.compiler.is_compiling():
+        return torch.tensor([(first + q * step) // span for q in range(count)], device=device)
+    return torch.div(first + torch.arange(count, device=device) * step, span, rounding_mode="floor")
