@@ -129,3 +129,20 @@ def test_cuda_compiled_step_equals_parallel_forward():
     with torch.no_grad():
         expected, _ = model(x)
     torch.testing.assert_close(stream_compiled(model, x)[0], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cuda_compiled_training_call_equals_cpu_eager():
+    """``torch.compile(model)`` on CUDA (the GPU figures of ``--compile``) against the CPU's eager
+    call, on the shape whose indices the CPU inductor of torch 2.13 miscompiled."""
+    cpu_model = tiny_model(windows=(4, 16, 16)).train()
+    cuda_model = copy.deepcopy(cpu_model).cuda()
+    x = random_input(2, 88, 5)
+    expected, _ = cpu_model(x)
+    got, _ = torch.compile(cuda_model, dynamic=False)(x.cuda())
+    torch.testing.assert_close(got.cpu(), expected, atol=1e-5, rtol=1e-4)
+    expected.square().sum().backward()
+    got.square().sum().backward()
+    for cpu_param, cuda_param in zip(cpu_model.parameters(), cuda_model.parameters()):
+        assert (cpu_param.grad is None) == (cuda_param.grad is None)
+        if cpu_param.grad is not None:
+            torch.testing.assert_close(cuda_param.grad.cpu(), cpu_param.grad, atol=1e-4, rtol=1e-3)
