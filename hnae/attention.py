@@ -227,7 +227,7 @@ class HierarchicalAttention(nn.Module):
             value_items = torch.cat([state[f"memory_values_{level}"].view(stored_shape), new_values], dim=2)
             stream_start = first_new - level_width  # absolute index of key_items[:, :, 0]
 
-            visible = items_complete(rows_start, num_queries, rows, span, device)  # (Q,) complete at each query
+            visible = items_complete(rows_start, num_queries, rows, span, device)  # (Q,) complete at each block's start
             # Window entries older than the stream's first item are masked for every block: leave
             # them out (at the start of a stream whole levels are empty). Exact: they weigh 0.
             kept = min(level_width, last_block * w0 // span)  # may be 0: empty parts keep

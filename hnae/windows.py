@@ -77,9 +77,9 @@ def ring_write(ring: torch.Tensor, slot: torch.Tensor, item: torch.Tensor, in_pl
     return ring.scatter_(2, index, item) if in_place else ring.scatter(2, index, item)
 
 
-
 def items_complete(first: int, count: int, step: int, span: int, device) -> torch.Tensor:
     """(count,) how many items of ``span`` steps each are complete at positions first, first + step, ...
+    (a query block's start gives the count at its level-0 block's start where span is a multiple of w0).
 
     Built from Python integers under ``torch.compile``: torch 2.13's CPU inductor miscompiled the
     tensor form (``arange`` times ``step``, floor-divided, feeding an ``index_select``): it filled
