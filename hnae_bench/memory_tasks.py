@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from hnae_bench.tasks import ClassificationTask
+from hnae_bench.task_base import ClassificationTask
 
 
 class _KeyedRecall(ClassificationTask):

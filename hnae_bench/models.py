@@ -14,7 +14,6 @@ Dimension letters: B batch, T time steps, C input_size, D width, H heads,
 K output_size.
 """
 import math
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -24,13 +23,13 @@ from torch import nn
 
 from hnae_bench import peers
 from hnae_bench.peers import ModelUnavailable
+from hnae_bench.recipe import STACK_DEPTH, BodyRecipe
 from hnae_bench.tasks import Task
 
 MODEL_NAMES = ('hnae', 'lstm', 'gru', 'tcn', 'transformer', 'mamba', 'xlstm', 'htransformer')
 PEER_NAMES = ('mamba', 'xlstm', 'htransformer')
 PRESETS = ('small', 'large')
 PARAMETER_TARGETS = {'small': 40_000, 'large': 400_000}
-STACK_DEPTH = {'small': 2, 'large': 4}       # layers of attention / state-space / xLSTM stacks
 RECURRENT_DEPTH = {'small': 1, 'large': 2}   # layers of nn.LSTM / nn.GRU
 HNAE_DEPTH = {'small': 2, 'large': 3}        # hnae layers: large trades a layer for width (matmul-bound)
 # windows of levels >= 1; levels are added to cover max_len. large: 16 keeps the summary keys of a
@@ -59,17 +58,6 @@ HNAE_POSITIONS = {'small': 'block', 'large': 'block'}
 HNAE_SHORT_CONV = {'small': 0, 'large': 0}  # hnae.HNAE's short_conv (`hnae train --short-conv K`)
 HNAE_EVENT_COUNTERS = {'small': 0, 'large': 0}  # hnae.HNAE's event_counters (`hnae train --event-counters G`)
 TCN_KERNEL_SIZE = 8                          # the TCN paper's kernel for the copy task
-
-@dataclass
-class BodyRecipe:
-    """How one family makes its body at a given width D, and what it records."""
-
-    make: Callable[[int], nn.Module]   # width -> module mapping (B, T, C) to (B, T, D)
-    width_step: int                    # widths tried are multiples of this
-    config: dict = field(default_factory=dict)
-    count_on_meta: bool = True         # build on the meta device to count parameters (no memory)
-    min_width: int = 1
-
 
 class SequenceModel(nn.Module):
     """body: (B, T, C) -> (B, T, D); head: (B, T, D) -> (B, T, K)."""

@@ -1,6 +1,6 @@
 """Optional peer models (`pip install 'hnae[peers]'`), each imported only when asked for.
 
-Each recipe returns a `hnae_bench.models.BodyRecipe` whose body maps features
+Each recipe returns a `hnae_bench.recipe.BodyRecipe` whose body maps features
 (B, T, C) to (B, T, D); `build_model` adds the head and fits the width D.
 A missing package raises ModelUnavailable with the reason, so a benchmark
 can say so and go on.
@@ -19,6 +19,8 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
+from hnae_bench.recipe import STACK_DEPTH, BodyRecipe
+
 
 class ModelUnavailable(RuntimeError):
     """A peer package is missing or cannot run on this device."""
@@ -31,16 +33,6 @@ def import_peer(model_name: str, module: str, package: str):
     except ImportError as error:
         raise ModelUnavailable(f"{model_name} needs the '{package}' package "
                                f"(pip install 'hnae[peers]'): {error}") from error
-
-
-def _recipe(*args, **kwargs):
-    from hnae_bench.models import BodyRecipe   # late: models imports this module
-    return BodyRecipe(*args, **kwargs)
-
-
-def _depth(preset: str) -> int:
-    from hnae_bench.models import STACK_DEPTH
-    return STACK_DEPTH[preset]
 
 
 def _check_length(model_name: str, steps: int, max_len: int) -> None:
@@ -64,11 +56,11 @@ class MambaBody(nn.Module):
 
 def recipe_mamba(task, preset, max_len):
     mamba_module = import_peer('mamba', 'mambapy.mamba', 'mambapy')
-    layers = _depth(preset)
+    layers = STACK_DEPTH[preset]
 
     def make(width):
         return MambaBody(mamba_module, task.input_size, width, layers)
-    return _recipe(make, 8, {'num_layers': layers, 'd_state': 16, 'expand_factor': 2, 'scan': 'mambapy pscan'})
+    return BodyRecipe(make, 8, {'num_layers': layers, 'd_state': 16, 'expand_factor': 2, 'scan': 'mambapy pscan'})
 
 
 # --- xlstm ------------------------------------------------------------------------------------
@@ -98,11 +90,11 @@ def recipe_xlstm(task, preset, max_len):
     if max_len > XLSTM_MAX_LEN:
         raise ModelUnavailable(f'xlstm runs its mLSTM in the quadratic parallel form, which needs '
                                f'(T, T) matrices; max_len={max_len} is over the {XLSTM_MAX_LEN} this benchmark allows')
-    layers, heads = _depth(preset), 4
+    layers, heads = STACK_DEPTH[preset], 4
 
     def make(width):
         return XLSTMBody(xlstm_module, task.input_size, width, layers, heads, max_len)
-    return _recipe(make, 8, {'num_layers': layers, 'num_heads': heads, 'blocks': 'mLSTM',
+    return BodyRecipe(make, 8, {'num_layers': layers, 'num_heads': heads, 'blocks': 'mLSTM',
                              'backend': 'parallel_stabilized_simple (pure PyTorch)'})
 
 
@@ -142,11 +134,11 @@ class HTransformerBody(nn.Module):
 
 def recipe_htransformer(task, preset, max_len):
     module = import_peer('htransformer', 'h_transformer_1d', 'h-transformer-1d')
-    layers, heads = _depth(preset), 4
+    layers, heads = STACK_DEPTH[preset], 4
 
     def make(width):
         return HTransformerBody(module, task.input_size, width, layers, heads, max_len)
     # min_width: its rotary embedding needs a head width above 2
-    return _recipe(make, 2 * heads, {'num_layers': layers, 'num_heads': heads,
+    return BodyRecipe(make, 2 * heads, {'num_layers': layers, 'num_heads': heads,
                                      'block_size': HTRANSFORMER_BLOCK_SIZE, 'causal': True},
                    min_width=4 * heads)
