@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from hnae_bench.allocated_memory import allocated_peak
 from hnae_bench.perf_models import load_job_model
 
 WARMUP_STEPS = 256                    # the warm-up call's T: kernels and allocator warmed, memory peak not reached
@@ -84,18 +85,22 @@ def _release_free_memory() -> None:
 
 @contextlib.contextmanager
 def peak_memory(device: str):
-    """Yields a dict that gets 'delta' (peak bytes during the block above those held at its start) and 'method'.
+    """Yields a dict that gets 'delta' (peak bytes during the block above those held at its start),
+    'allocated' (the same for bytes of PyTorch's allocator alone) and 'method'.
 
-    CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU: the peak
-    resident set (VmHWM, reset through /proc/self/clear_refs) minus the resident set
-    at entry, freed memory given back first; where the peak cannot be reset, the
-    process's ``ru_maxrss`` (right for the first large call of a fresh process).
+    CUDA: both are ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU:
+    'delta' is the peak resident set (VmHWM, reset through /proc/self/clear_refs)
+    minus the resident set at entry, freed memory given back first (where the peak
+    cannot be reset, the process's ``ru_maxrss``: right for the first large call of
+    a fresh process); 'allocated' comes from the profiler's memory records
+    (``hnae_bench.allocated_memory``), so it leaves out what malloc keeps after a free.
     """
     record: dict = {}
     synchronize(device)
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base, record["method"] = torch.cuda.memory_allocated(device), "torch.cuda.max_memory_allocated - before"
+        allocated = contextlib.nullcontext({})
     else:
         _release_free_memory()
         try:
@@ -105,8 +110,10 @@ def peak_memory(device: str):
         except OSError:
             record["method"] = "ru_maxrss (fresh process) - VmRSS before"
         base = (status_kilobytes("VmRSS") or 0) * 1024
-    yield record
-    synchronize(device)
+        allocated = allocated_peak()
+    with allocated as tensors:
+        yield record
+        synchronize(device)
     if torch.device(device).type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     elif record["method"].startswith("VmHWM"):
@@ -114,6 +121,7 @@ def peak_memory(device: str):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: kilobytes
     record["delta"] = max(0, peak - base)
+    record["allocated"] = record["delta"] if torch.device(device).type == "cuda" else tensors.get("delta")
 
 
 # ---- FLOPs --------------------------------------------------------------------------------------
@@ -208,6 +216,7 @@ def measure_training(job: dict, phase) -> dict:
     for kind, call in (("train", train_call), ("inference", inference_call)):
         model.train(kind == "train")
         phase(kind)
+        model.zero_grad(set_to_none=True)   # the warm-up's gradients go before, not during, the measurement
         with peak_memory(device) as memory:   # the first full-size call: nothing larger ran before it
             first = timed(functools.partial(call, x), device)
         # The first full-size call also pays for the process's first touch of its memory (page faults
@@ -218,6 +227,7 @@ def measure_training(job: dict, phase) -> dict:
         result[f"{kind}_seconds"] = timed_calls(functools.partial(call, x), device, job["min_seconds"],
                                                 job["max_calls"], earlier)
         result[f"{kind}_peak_bytes"], result["memory_method"] = memory["delta"], memory["method"]
+        result[f"{kind}_peak_allocated_bytes"] = memory["allocated"]
         model.zero_grad(set_to_none=True)
     if job["count_flops"] and min(result["train_seconds"]) > job["count_flops_below"]:
         result["flops_skipped"] = f"not counted: a call took over {job['count_flops_below']:g} s"

@@ -23,7 +23,7 @@ from hnae_bench.perf_targets import evaluate_targets, short_number, target_lines
 from hnae_bench.report import format_number, markdown_table
 
 TRAINING_RATIO_KEYS = ("train_tokens_per_second", "inference_tokens_per_second", "train_peak_bytes",
-                       "train_bytes_per_token", "mfu")
+                       "train_bytes_per_token", "train_allocated_bytes_per_token", "mfu")
 
 
 def _median(values):
@@ -44,11 +44,13 @@ def _summarise_training(entry: dict, peak: float | None) -> dict:
     infer = _median([statistics.median(r["inference_seconds"]) for r in rounds])
     memory, inference_memory = _median([r["train_peak_bytes"] for r in rounds]), _median(
         [r["inference_peak_bytes"] for r in rounds])
+    allocated = _median([r.get("train_peak_allocated_bytes") for r in rounds])   # absent in older perf.json
     flops = next((r["flops"] for r in rounds if "flops" in r), None)
     achieved = flops["training"] / train if flops else None
     return {"rounds": len(rounds), "tokens": tokens, "train_seconds": train, "train_tokens_per_second": tokens / train,
             "inference_seconds": infer, "inference_tokens_per_second": tokens / infer,
             "train_peak_bytes": memory, "train_bytes_per_token": _ratio(memory, tokens),
+            "train_peak_allocated_bytes": allocated, "train_allocated_bytes_per_token": _ratio(allocated, tokens),
             "inference_peak_bytes": inference_memory, "inference_bytes_per_token": _ratio(inference_memory, tokens),
             "flops_training": flops["training"] if flops else None,
             "flops_per_token": flops["training"] / tokens if flops else None,
@@ -108,7 +110,8 @@ def _with_ratio(value, ratio) -> str:
 
 
 TRAINING_HEADER = ["model", "T", "parameters", "status", "train tokens/s (x lstm)", "inference tokens/s (x lstm)",
-                   "train peak MB (x lstm)", "bytes/token (x lstm)", "MFU (x lstm)", "rounds"]
+                   "train peak MB (x lstm)", "bytes/token (x lstm)", "allocated bytes/token (x lstm)", "MFU (x lstm)",
+                   "rounds"]
 
 
 def training_rows(results: dict) -> list[list[str]]:
@@ -119,7 +122,7 @@ def training_rows(results: dict) -> list[list[str]]:
             summary, ratio = entry.get("summary"), entry.get("ratio_to_lstm", {})
             if summary is None:
                 status = entry["status"] + (f": {entry['error'].splitlines()[0][:90]}" if entry.get("error") else "")
-                rows.append([name, f"{int(steps):,}", format_number(parameters), status] + ["-"] * 6)
+                rows.append([name, f"{int(steps):,}", format_number(parameters), status] + ["-"] * 7)
                 continue
             mb = summary["train_peak_bytes"] / 2 ** 20 if summary["train_peak_bytes"] is not None else None
             rows.append([name, f"{int(steps):,}", format_number(parameters), "ok",
@@ -127,6 +130,8 @@ def training_rows(results: dict) -> list[list[str]]:
                          _with_ratio(summary["inference_tokens_per_second"], ratio.get("inference_tokens_per_second")),
                          _with_ratio(mb, ratio.get("train_peak_bytes")),
                          _with_ratio(summary["train_bytes_per_token"], ratio.get("train_bytes_per_token")),
+                         _with_ratio(summary.get("train_allocated_bytes_per_token"),
+                                     ratio.get("train_allocated_bytes_per_token")),
                          (summary.get("flops_note") or "-")
                          if summary["mfu"] is None else f"{summary['mfu']:.1%}" + (
                              f" ({ratio['mfu']:.2f}x)" if ratio.get("mfu") is not None else ""),
@@ -162,7 +167,8 @@ def streaming_rows(results: dict) -> tuple[list[str], list[list[str]]]:
 
 # ---- plots -------------------------------------------------------------------------------------
 
-def plot_training(results: dict, path: Path, key: str, label: str, dashed_key: str | None = None) -> Path:
+def plot_training(results: dict, path: Path, key: str, label: str, dashed_key: str | None = None,
+                  dashed_label: str = "") -> Path:
     """``key`` against T on log-log axes, one line per model (``dashed_key`` dashed, same colour)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg   # here: a GPU box without matplotlib still reports
     from matplotlib.figure import Figure
@@ -186,7 +192,7 @@ def plot_training(results: dict, path: Path, key: str, label: str, dashed_key: s
     axes.set_ylabel(label)
     settings = results["settings"]
     axes.set_title(f"{label}, batch {settings['batch_size']}, {settings['device']} {settings['dtype']}"
-                   + (" (dashed: no-grad inference)" if dashed_key else ""), fontsize=9)
+                   + (f" (dashed: {dashed_label})" if dashed_key else ""), fontsize=9)
     axes.grid(True, which="both", alpha=0.3)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(fontsize=8)
@@ -200,11 +206,14 @@ def write_report(results: dict, out_dir: Path, say=print) -> dict:
     """perf.json, the PNGs and report.md in ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     plots = {}
-    for key, data_key, label, dashed in (
-            ("throughput", "train_tokens_per_second", "tokens/s (forward + backward)", "inference_tokens_per_second"),
-            ("memory", "train_peak_bytes", "peak training memory (bytes)", None)):
+    for key, data_key, label, dashed, dashed_label in (
+            ("throughput", "train_tokens_per_second", "tokens/s (forward + backward)", "inference_tokens_per_second",
+             "no-grad inference"),
+            ("memory", "train_peak_bytes", "peak training memory (bytes)", "train_peak_allocated_bytes",
+             "allocated by PyTorch")):
         try:
-            plots[key] = plot_training(results, out_dir / f"perf_{key}.png", data_key, label, dashed).name
+            plots[key] = plot_training(results, out_dir / f"perf_{key}.png", data_key, label, dashed,
+                                       dashed_label).name
         except Exception as error:  # noqa: BLE001 - the report is still written without this plot
             say(f"plot {key} failed: {type(error).__name__}: {error}")
     results["plots"] = plots
@@ -261,7 +270,11 @@ def markdown(results: dict) -> str:
               "Peak memory: "
               + next((r["rounds"][0]["memory_method"] for e in results.get("training", {}).values()
                       for r in e.values() if r.get("rounds")), "-")
-              + ", over the first full-size call. Model FLOPs (first round, where a training call took under "
+              + ", over the first full-size call; allocated bytes: "
+              + ("torch.cuda.max_memory_allocated" if results["settings"]["device"].startswith("cuda") else
+                 "the running sum of the profiler's records of PyTorch's CPU allocator (profile_memory=True) at "
+                 "its largest, over the same call (the profiler runs through it)")
+              + ". Model FLOPs (first round, where a training call took under "
               f"{settings['flop_count_fraction']:g}x the cap): torch.utils.flop_counter.FlopCounterMode on one "
               "forward + backward (matmuls, convolutions, attention at full T x S as torch counts it; oneDNN/cuDNN "
               "off while counting so that recurrent gates are seen; nn.LSTM/nn.GRU over 256 steps counted at 128 and "
@@ -271,8 +284,9 @@ def markdown(results: dict) -> str:
 
 
 def print_summary(results: dict, say=print) -> None:
-    header = ["model", "T", "status", "train tok/s (x lstm)", "infer tok/s", "bytes/token", "MFU"]
-    rows = [[r[0], r[1], r[3][:64], r[4], r[5].split(" (")[0], r[7].split(" (")[0], r[8].split(" (")[0]]
+    header = ["model", "T", "status", "train tok/s (x lstm)", "infer tok/s", "bytes/token", "allocated", "MFU"]
+    rows = [[r[0], r[1], r[3][:64], r[4], r[5].split(" (")[0], r[7].split(" (")[0], r[8].split(" (")[0],
+             r[9].split(" (")[0]]
             for r in training_rows(results)]
     say("\n" + markdown_table(header, rows))
     stream_header, stream_rows_ = streaming_rows(results)

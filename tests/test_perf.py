@@ -39,6 +39,8 @@ def test_quick_profile_end_to_end(tmp_path):
             assert summary["rounds"] == 2 and summary["tokens"] == 4 * int(steps)
             assert summary["train_tokens_per_second"] == pytest.approx(summary["tokens"] / summary["train_seconds"])
             assert summary["train_peak_bytes"] > 0 and summary["flops_training"] > 0 and 0 < summary["mfu"]
+            # what autograd keeps alone is more than a float per token and layer; no profiler error
+            assert summary["train_allocated_bytes_per_token"] > 4 * 2, summary
             ratio = entry["ratio_to_lstm"]["train_tokens_per_second"]
             lstm = results["training"]["lstm"][steps]["summary"]["train_tokens_per_second"]
             assert ratio == pytest.approx(summary["train_tokens_per_second"] / lstm)
@@ -51,7 +53,7 @@ def test_quick_profile_end_to_end(tmp_path):
         assert len(set(summary["state_bytes"])) == 1, name   # every state here is bounded
         assert entry["ratio_to_lstm"]["batch_tokens_per_second"] > 0
     assert results["matmul_peak"]["flops_per_second"] > 0 and len(results["matmul"]) == 2
-    assert [t["status"] in ("PASS", "MISS", "N/A") for t in results["targets"]] == [True] * 9
+    assert [t["status"] in ("PASS", "MISS", "N/A") for t in results["targets"]] == [True] * 10
     for key in ("cpu", "torch"):
         assert results["machine"][key] in text
     assert "hnae bench perf --profile quick" in text and "(1.00x)" in text
@@ -189,31 +191,41 @@ def test_predicted_slow_length_is_skipped_not_run():
     assert perf._training_decision(entries, [1024, 4096], 0, settings) == "once"
 
 
-def _synthetic(hnae_rate, lstm_rate, transformer, bytes_at_64k=105.0):
-    def entry(rate, tokens=32768, per_token=100.0):
+def _synthetic(hnae_rate, lstm_rate, transformer, bytes_at_64k=105.0, allocated_at_64k=82.0):
+    def entry(rate, tokens=32768, per_token=100.0, allocated=80.0):
         return {"status": "ok", "summary": {"train_tokens_per_second": rate, "tokens": tokens, "mfu": None,
-                                            "train_bytes_per_token": per_token}}
+                                            "train_bytes_per_token": per_token,
+                                            "train_allocated_bytes_per_token": allocated}}
     return {"settings": {"device": "cpu", "max_seconds": 60.0, "batch_size": 8, "stream_batch": 32},
             "matmul_peak": {"flops_per_second": 1e11},
             "training": {"hnae": {"4096": entry(hnae_rate), "16384": entry(hnae_rate, 131072),
-                                  "65536": entry(hnae_rate, 524288, bytes_at_64k)},
+                                  "65536": entry(hnae_rate, 524288, bytes_at_64k, allocated_at_64k)},
                          "lstm": {"4096": entry(lstm_rate)}, "transformer": {"16384": transformer}}}
 
 
 def test_targets_say_pass_miss_and_bounds():
     targets = perf_targets.evaluate_targets(_synthetic(40_000, 80_000, {"status": "timeout"}))
-    assert len(targets) == 9 and "x lstm" in targets[0]["target"] and "x tcn" in targets[1]["target"]
-    lstm, tcn, transformer, longest, mfu, memory, latency = targets[:7]
+    assert len(targets) == 10 and "x lstm" in targets[0]["target"] and "x tcn" in targets[1]["target"]
+    lstm, tcn, transformer, longest, mfu, memory, allocated, latency = targets[:8]
     assert lstm["status"] == "MISS" and lstm["value"] == 0.5 and "short by 50%" in lstm["detail"]
     assert tcn["status"] == "N/A" and "not both in this run" in tcn["detail"]
     assert transformer["status"] == "PASS"   # timed out at 60 s for 131,072 tokens: a lower bound of 18.3x
     assert transformer["value"] == pytest.approx(40_000 * 60 / 131072)
     assert longest["status"] == "PASS"
-    assert memory["status"] == "PASS" and memory["value"] == pytest.approx(1.05)
+    assert memory["status"] == "PASS" and memory["value"] == pytest.approx(1.05) and "VmHWM" in memory["target"]
+    assert allocated["status"] == "PASS" and allocated["value"] == pytest.approx(82 / 80)
+    assert "allocated by PyTorch" in allocated["target"] and "T=65,536: 82 B" in allocated["detail"]
     assert mfu["status"] == latency["status"] == "N/A" and mfu["value"] is None
-    again = perf_targets.evaluate_targets(_synthetic(90_000, 80_000, {"status": "oom"}, bytes_at_64k=130.0))
+    again = perf_targets.evaluate_targets(_synthetic(90_000, 80_000, {"status": "oom"}, bytes_at_64k=130.0,
+                                                     allocated_at_64k=90.0))
     assert again[0]["status"] == "PASS" and again[2]["status"] == "N/A" and "oom" in again[2]["detail"]
     assert again[5]["status"] == "MISS" and "over by 18%" in again[5]["detail"]   # 1.30 against 1.10
+    assert again[6]["status"] == "MISS" and "over by 2%" in again[6]["detail"]    # 1.125 against 1.10
+    older = _synthetic(40_000, 80_000, {"status": "timeout"})   # a perf.json from before the allocated figure
+    for entry in older["training"]["hnae"].values():
+        del entry["summary"]["train_allocated_bytes_per_token"]
+    older = perf_targets.evaluate_targets(older)
+    assert older[5]["status"] == "PASS" and older[6]["status"] == "N/A" and "not measured" in older[6]["detail"]
     slow = perf_targets.evaluate_targets(_synthetic(10_000, 80_000, {"status": "timeout"}))[2]
     assert slow["status"] == "N/A" and "undecided" in slow["detail"]   # a bound under 10x decides nothing
     stopped = _synthetic(40_000, 80_000, {"status": "timeout"})
@@ -242,6 +254,20 @@ def test_a_near_miss_shows_its_digits_and_the_tcn_miss_its_needed_utilisation():
     assert "it needs 165% of the matmul peak (measured 34%)" in tcn["detail"]
     del results["training"]["hnae"]["4096"]["summary"]["flops_per_token"]
     assert perf_targets.needed_utilisation(results, "tcn", 4096, 3.0) is None
+
+
+def test_allocated_peak_sees_a_freed_tensor_and_not_what_malloc_keeps():
+    megabyte = 2 ** 20
+    retained = torch.empty(96 * megabyte, dtype=torch.uint8).fill_(1)   # freed before: malloc may keep its pages
+    del retained
+    kept = []
+    with perf_measure.peak_memory("cpu") as memory:
+        big = torch.ones(64 * megabyte, dtype=torch.uint8)   # 64 MiB held, then freed
+        del big
+        kept.append(torch.ones(16 * megabyte, dtype=torch.uint8))   # 16 MiB held at the end
+    assert memory.get("allocated") is not None, memory
+    assert 64 * megabyte <= memory["allocated"] < 64 * megabyte + megabyte   # the peak, not the end or the sum
+    assert memory["delta"] >= 16 * megabyte   # the resident set saw at least what is still held
 
 
 def test_bad_arguments_are_refused(capsys):
