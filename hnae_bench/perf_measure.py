@@ -122,6 +122,8 @@ def peak_memory(device: str):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: kilobytes
     record["delta"] = max(0, peak - base)
     record["allocated"] = record["delta"] if torch.device(device).type == "cuda" else tensors.get("delta")
+    if tensors.get("error"):   # the profiler failed: the resident figure stands alone, and says why
+        record["method"] += f"; allocated bytes not measured ({tensors['error']})"
 
 
 # ---- FLOPs --------------------------------------------------------------------------------------

@@ -270,6 +270,19 @@ def test_allocated_peak_sees_a_freed_tensor_and_not_what_malloc_keeps():
     assert memory["delta"] >= 16 * megabyte   # the resident set saw at least what is still held
 
 
+def test_a_profiler_failure_leaves_the_resident_figure_and_says_why(monkeypatch):
+    from hnae_bench import allocated_memory
+
+    def broken(profiler):
+        raise AttributeError("no event tree in this torch")
+
+    monkeypatch.setattr(allocated_memory, "_allocation_sizes", broken)
+    with perf_measure.peak_memory("cpu") as memory:
+        held = torch.ones(8 * 2 ** 20, dtype=torch.uint8)
+    assert memory["allocated"] is None and memory["delta"] > 0 and held.numel()
+    assert "allocated bytes not measured (AttributeError: no event tree in this torch)" in memory["method"]
+
+
 def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         perf.main(["--seq-lens", "512,256"])
